@@ -1,0 +1,34 @@
+# The two commands of the README: `make quickstart` and `make test`.
+# Both create .venv if it is missing and install what they need into it.
+
+PYTHON ?= $(shell for p in python3.12 python3.11 python3; do command -v $$p >/dev/null 2>&1 && { echo $$p; break; }; done)
+VENV := .venv
+BIN := $(VENV)/bin
+# A CPU build of PyTorch, installed before transformers so that pip does not fetch a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+WORKDIR ?= workdirs/quickstart
+
+.PHONY: quickstart test clean
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "vitjax needs Python 3.11+, found " + sys.version' 
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: setup.py | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: setup.py $(VENV)/.installed
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+quickstart: $(VENV)/.installed
+	$(BIN)/python -m vitjax.train --config configs/quickstart.py --workdir $(WORKDIR)
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) workdirs

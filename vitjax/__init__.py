@@ -1,0 +1,14 @@
+"""vitjax: vision transformers in JAX/Flax.
+
+    import vitjax
+    model = vitjax.create_model('vit_base_patch16_224')
+    params = vitjax.load_weights(model, 'ViT-B_16.npz')
+    logits, out = model.apply({'params': params}, images)  # NHWC float images
+"""
+
+from vitjax.convert import load_weights, save_weights
+from vitjax.models import UnknownModelError, create_model, init_params, list_models
+
+__version__ = "0.1.0"
+__all__ = ["UnknownModelError", "create_model", "init_params", "list_models",
+           "load_weights", "save_weights"]

@@ -1,0 +1,146 @@
+"""Model registry: timm-style names and big_vision-style families, one lookup.
+
+    create_model('vit_base_patch16_224')                  # timm name, timm defaults
+    create_model('vit', variant='B/16', num_classes=10)   # big_vision style
+"""
+
+import dataclasses
+import difflib
+import fnmatch
+from typing import Any, Callable, Dict
+
+import jax
+import jax.numpy as jnp
+
+from vitjax.models import vit
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+
+
+class UnknownModelError(ValueError):
+  """A model name that is not registered; the message lists the closest ones."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+  """How to build a registered model, and what its published weights expect."""
+  name: str
+  module: Callable[..., Any]  # A flax.linen.Module class.
+  defaults: Dict[str, Any]
+  mean: tuple = IMAGENET_MEAN
+  std: tuple = IMAGENET_STD
+  paper: str = ""
+
+
+_REGISTRY: Dict[str, ModelEntry] = {}
+# Families built from a `variant` string, big_vision style: name -> (module, decoder).
+_FAMILIES = {"vit": (vit.VisionTransformer, vit.decode_variant),
+             "deit": (vit.VisionTransformer, vit.decode_variant)}
+
+
+def register(name, module, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, paper="", **defaults):
+  if name in _REGISTRY or name in _FAMILIES:
+    raise ValueError(f"Model {name!r} is registered twice.")
+  _REGISTRY[name] = ModelEntry(name, module, defaults, tuple(mean), tuple(std), paper)
+
+
+def list_models(pattern="*"):
+  """Sorted registered names matching a shell-style pattern, e.g. 'deit_*'."""
+  names = list(_REGISTRY) + list(_FAMILIES)
+  return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
+
+
+def model_entry(name):
+  if name not in _REGISTRY:
+    raise _unknown(name)
+  return _REGISTRY[name]
+
+
+def create_model(name, **overrides):
+  """Returns the linen Module registered as `name`, with `overrides` on its defaults.
+
+  For a family name (`'vit'`), `variant='B/16'` picks the size and patch; any
+  explicit field (`width=...`) wins over the variant.
+  """
+  if name in _FAMILIES:
+    module, decode = _FAMILIES[name]
+    variant = overrides.pop("variant", None)
+    config = decode(variant) if variant else {}
+    if name == "deit":
+      config["distilled"] = True
+    config.update(overrides)
+  elif name in _REGISTRY:
+    entry = _REGISTRY[name]
+    module = entry.module
+    if "variant" in overrides:
+      raise TypeError(f"Model {name!r} has a fixed size; 'variant' applies only to the "
+                      f"families {', '.join(sorted(_FAMILIES))}.")
+    config = {**entry.defaults, **overrides}
+  else:
+    raise _unknown(name)
+  fields = {f.name for f in dataclasses.fields(module)} - {"parent", "name"}
+  unknown = sorted(set(config) - fields)
+  if unknown:
+    hints = [f"{k!r} (did you mean {', '.join(map(repr, difflib.get_close_matches(k, fields, 3)))}?)"
+             if difflib.get_close_matches(k, fields, 3) else repr(k) for k in unknown]
+    raise TypeError(f"Unknown option(s) for model {name!r}: {', '.join(hints)}. "
+                    f"Valid options: {', '.join(sorted(fields))}.")
+  return module(**config)
+
+
+def _unknown(name):
+  close = difflib.get_close_matches(name, list_models(), n=5, cutoff=0.5)
+  hint = f" Closest: {', '.join(close)}." if close else ""
+  return UnknownModelError(
+      f"Unknown model {name!r}.{hint} See vitjax.list_models() for all names.")
+
+
+def dummy_input(model, batch_size=1):
+  """Zeros of the model's default input shape (NHWC), for init and shape checks."""
+  size = getattr(model, "image_size", 224)
+  return jnp.zeros((batch_size, size, size, getattr(model, "in_channels", 3)), jnp.float32)
+
+
+def init_params(model, rng=0, batch_size=1):
+  """Initialised parameters of `model` (jitted; a seed or a PRNG key)."""
+  if isinstance(rng, int):
+    rng = jax.random.PRNGKey(rng)
+  variables = jax.jit(model.init)(rng, dummy_input(model, batch_size))
+  return variables["params"]
+
+
+def param_shapes(model):
+  """Parameter shapes and dtypes without computing anything (jax.eval_shape)."""
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy_input(model))
+  return variables["params"]
+
+
+def count_params(params):
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+def _register_vits():
+  sizes = {"tiny": "Ti", "small": "S", "medium": "M", "base": "B", "large": "L",
+           "huge": "H", "giant": "g", "gigantic": "G"}
+  for size_name, size in sizes.items():
+    for patch in (8, 14, 16, 32):
+      for resolution in (224, 384):
+        register(f"vit_{size_name}_patch{patch}_{resolution}", vit.VisionTransformer,
+                 mean=INCEPTION_MEAN, std=INCEPTION_STD,
+                 paper="An Image is Worth 16x16 Words (Dosovitskiy et al., 2021)",
+                 image_size=resolution, **vit.decode_variant(f"{size}/{patch}"))
+  deit_paper = "Training data-efficient image transformers (Touvron et al., 2021)"
+  for size_name, size, resolutions in (("tiny", "Ti", (224,)), ("small", "S", (224,)),
+                                       ("base", "B", (224, 384))):
+    for resolution in resolutions:
+      for distilled in (False, True):
+        tag = "_distilled" if distilled else ""
+        register(f"deit_{size_name}{tag}_patch16_{resolution}", vit.VisionTransformer,
+                 paper=deit_paper, image_size=resolution, distilled=distilled,
+                 **vit.decode_variant(f"{size}/16"))
+
+
+_register_vits()

@@ -1,0 +1,58 @@
+"""Multi-head attention module; the math lives in `vitjax.ops.dot_product_attention`."""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vitjax import ops
+
+Dtype = Any
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Multi-head attention with big_vision/Flax parameter layout.
+
+  `query`, `key`, `value` kernels are (width, heads, head_dim) and `out` is
+  (heads, head_dim, width), so published big_vision checkpoints load as they are.
+  """
+  num_heads: int
+  qkv_features: Optional[int] = None  # Defaults to the input width.
+  out_features: Optional[int] = None  # Defaults to the input width.
+  dropout: float = 0.0  # On the attention weights; only the 'xla' implementation has them.
+  use_bias: bool = True
+  attention_impl: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv=None, *, bias=None, mask=None,
+               causal=False, deterministic=True):
+    if inputs_kv is None:
+      inputs_kv = inputs_q
+    qkv_features = self.qkv_features or inputs_q.shape[-1]
+    if qkv_features % self.num_heads:
+      raise ValueError(f"Attention width {qkv_features} is not divisible by "
+                       f"num_heads={self.num_heads}.")
+    head_dim = qkv_features // self.num_heads
+    projection = lambda name: nn.DenseGeneral(
+        (self.num_heads, head_dim), use_bias=self.use_bias, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.zeros)
+    q = projection("query")(inputs_q)
+    k = projection("key")(inputs_kv)
+    v = projection("value")(inputs_kv)
+    if self.dropout > 0.0 and not deterministic:
+      # Dropout on the attention weights needs them materialised: the unfused path.
+      weights = ops.attention_weights(q, k, bias=bias, mask=mask, causal=causal)
+      weights = nn.Dropout(rate=self.dropout)(weights, deterministic=False)
+      x = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+    else:
+      x = ops.dot_product_attention(q, k, v, bias=bias, mask=mask, causal=causal,
+                                    implementation=self.attention_impl)
+    return nn.DenseGeneral(
+        self.out_features or inputs_q.shape[-1], axis=(-2, -1),
+        use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.zeros, name="out")(x)

@@ -1,0 +1,74 @@
+"""Building blocks shared by the model families: MLP, stochastic depth, MAP head."""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vitjax.models.attention import MultiHeadDotProductAttention
+
+Dtype = Any
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU -> dropout -> Dense, the transformer MLP."""
+  mlp_dim: Optional[int] = None  # Defaults to 4x the input width.
+  dropout: float = 0.0
+  gelu_approximate: bool = False  # timm/HF use the exact GELU; big_vision the tanh one.
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):
+    width = x.shape[-1]
+    dense = lambda features, name: nn.Dense(
+        features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6))
+    x = dense(self.mlp_dim or 4 * width, "Dense_0")(x)
+    x = nn.gelu(x, approximate=self.gelu_approximate)
+    x = nn.Dropout(rate=self.dropout)(x, deterministic)
+    return dense(width, "Dense_1")(x)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per example while training."""
+  rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    keep_mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return jnp.where(keep_mask, x / keep, jnp.zeros_like(x))
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling: a learned probe attends over the tokens."""
+  num_heads: int = 12
+  mlp_dim: Optional[int] = None
+  gelu_approximate: bool = False
+  layer_norm_eps: float = 1e-6
+  attention_impl: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    batch, _, width = x.shape
+    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, width),
+                       self.param_dtype)
+    probe = jnp.tile(probe, [batch, 1, 1]).astype(self.dtype)
+    x = MultiHeadDotProductAttention(
+        num_heads=self.num_heads, attention_impl=self.attention_impl,
+        dtype=self.dtype, param_dtype=self.param_dtype,
+        name="MultiHeadDotProductAttention_0")(probe, x)
+    y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="LayerNorm_0")(x)
+    x = x + MlpBlock(self.mlp_dim, gelu_approximate=self.gelu_approximate,
+                     dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="MlpBlock_0")(y)
+    return x[:, 0]

@@ -1,0 +1,230 @@
+"""Vision Transformer (ViT) and DeiT, one module.
+
+Parameter names follow big_vision, so its published .npz checkpoints load as
+they are. Position embeddings cover the prefix tokens too (timm / DeiT / AugReg
+layout), which makes the parameter counts equal the published ones.
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vitjax.models import posemb as posemb_lib
+from vitjax.models.attention import MultiHeadDotProductAttention
+from vitjax.models.layers import DropPath, MAPHead, MlpBlock
+
+Dtype = Any
+
+# Size table: name -> (width, depth, mlp_dim, num_heads).
+SIZES = {
+    "mu": (128, 6, 512, 4),   # Toy size for CPU experiments (the quickstart).
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    "G": (1664, 48, 8192, 16),
+}
+
+
+def decode_variant(variant):
+  """'B/16' -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16)."""
+  size, slash, patch = variant.partition("/")
+  if size not in SIZES or (slash and not patch.isdigit()):
+    raise ValueError(f"Unknown ViT variant {variant!r}: expected SIZE/PATCH with SIZE in "
+                     f"{', '.join(SIZES)} and an integer PATCH, e.g. 'B/16'.")
+  width, depth, mlp_dim, num_heads = SIZES[size]
+  config = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
+  if patch:
+    config["patch_size"] = int(patch)
+  return config
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  mlp_dim: int
+  num_heads: int
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  drop_path: float = 0.0
+  gelu_approximate: bool = False
+  layer_norm_eps: float = 1e-6
+  attention_impl: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):
+    norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, name=name)
+    y = norm("LayerNorm_0")(x)
+    y = MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dropout=self.attention_dropout,
+        attention_impl=self.attention_impl, dtype=self.dtype,
+        param_dtype=self.param_dtype, name="MultiHeadDotProductAttention_0",
+    )(y, deterministic=deterministic)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    x = x + DropPath(self.drop_path)(y, deterministic)
+
+    y = norm("LayerNorm_1")(x)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout,
+                 gelu_approximate=self.gelu_approximate, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="MlpBlock_0")(y, deterministic)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    return x + DropPath(self.drop_path)(y, deterministic)
+
+
+class Encoder(nn.Module):
+  """A stack of `depth` blocks and the final LayerNorm; stochastic depth rises linearly."""
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  drop_path_rate: float = 0.0
+  gelu_approximate: bool = False
+  layer_norm_eps: float = 1e-6
+  attention_impl: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):
+    out = {}
+    for i in range(self.depth):
+      drop_path = self.drop_path_rate * i / max(self.depth - 1, 1)
+      x = Encoder1DBlock(
+          mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
+          attention_dropout=self.attention_dropout, drop_path=drop_path,
+          gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps,
+          attention_impl=self.attention_impl, dtype=self.dtype,
+          param_dtype=self.param_dtype, name=f"encoderblock_{i}")(x, deterministic)
+      out[f"block{i:02d}"] = x
+    out["pre_norm"] = x
+    x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="encoder_norm")(x)
+    return x, out
+
+
+class VisionTransformer(nn.Module):
+  """ViT (Dosovitskiy et al. 2021) with DeiT's distillation token as an option.
+
+  `__call__(images, train=False)` takes NHWC images and returns `(logits, out)`.
+  `out` holds `stem` (patch embeddings), `encoded` (all final tokens, normed),
+  `tokens` (the final patch tokens), `pre_logits`, `logits`, and for distilled
+  models `logits_cls` and `logits_dist` (logits is their average).
+  """
+  num_classes: int = 1000  # 0: no head, logits are the pre-logits.
+  image_size: int = 224  # Resolution the position embeddings are made for.
+  patch_size: int = 16
+  width: int = 768
+  depth: int = 12
+  mlp_dim: int = 3072
+  num_heads: int = 12
+  pool_type: str = "token"  # 'token' (class token), 'gap', 'map' or 'none'.
+  posemb: str = "learn"  # 'learn' or 'sincos2d'.
+  distilled: bool = False  # DeiT: a distillation token with its own head.
+  representation_size: Optional[int] = None  # Optional pre-logits Dense + tanh.
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  drop_path_rate: float = 0.0
+  head_zeroinit: bool = True
+  gelu_approximate: bool = False
+  layer_norm_eps: float = 1e-6
+  in_channels: int = 3
+  attention_impl: Optional[str] = None  # See vitjax.ops.dot_product_attention.
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @property
+  def num_prefix_tokens(self):
+    return int(self.pool_type == "token") + int(self.distilled)
+
+  def _check(self):
+    if self.pool_type not in ("token", "gap", "map", "none"):
+      raise ValueError(f"Unknown pool_type {self.pool_type!r}; use 'token', 'gap', 'map' or 'none'.")
+    if self.distilled and self.pool_type != "token":
+      raise ValueError("A distilled (DeiT) model needs pool_type='token'.")
+    if self.posemb not in ("learn", "sincos2d"):
+      raise ValueError(f"Unknown posemb {self.posemb!r}; use 'learn' or 'sincos2d'.")
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    self._check()
+    deterministic = not train
+    out = {}
+    x = nn.Conv(self.width, (self.patch_size, self.patch_size), strides=self.patch_size,
+                padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
+                name="embedding")(images.astype(self.dtype))
+    batch, grid_h, grid_w, width = x.shape
+    x = out["stem"] = x.reshape(batch, grid_h * grid_w, width)
+
+    prefix = []
+    if self.pool_type == "token":
+      prefix.append(self.param("cls", nn.initializers.zeros, (1, 1, width), self.param_dtype))
+    if self.distilled:
+      prefix.append(self.param("dist", nn.initializers.zeros, (1, 1, width), self.param_dtype))
+    if prefix:
+      prefix = jnp.concatenate(prefix, axis=1).astype(self.dtype)
+      x = jnp.concatenate([jnp.tile(prefix, [batch, 1, 1]), x], axis=1)
+
+    x = x + self._position_embedding(grid_h, grid_w, width).astype(self.dtype)
+    x = nn.Dropout(rate=self.dropout)(x, deterministic)
+
+    x, encoder_out = Encoder(
+        depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+        dropout=self.dropout, attention_dropout=self.attention_dropout,
+        drop_path_rate=self.drop_path_rate, gelu_approximate=self.gelu_approximate,
+        layer_norm_eps=self.layer_norm_eps, attention_impl=self.attention_impl,
+        dtype=self.dtype, param_dtype=self.param_dtype, name="Transformer",
+    )(x, deterministic)
+    out["encoder"] = encoder_out
+    out["encoded"] = x
+    out["tokens"] = x[:, self.num_prefix_tokens:]
+
+    if self.pool_type == "token":
+      x = x[:, 0]
+    elif self.pool_type == "gap":
+      x = jnp.mean(x, axis=1)
+    elif self.pool_type == "map":
+      x = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                  gelu_approximate=self.gelu_approximate,
+                  layer_norm_eps=self.layer_norm_eps, attention_impl=self.attention_impl,
+                  dtype=self.dtype, param_dtype=self.param_dtype, name="MAPHead_0")(x)
+    out["head_input"] = x
+
+    if self.representation_size:
+      x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name="pre_logits")(x))
+    out["pre_logits"] = x
+
+    if not self.num_classes:
+      out["logits"] = x
+      return x, out
+    logits = self._head("head")(x)
+    if self.distilled:
+      out["logits_cls"] = logits
+      out["logits_dist"] = self._head("head_dist")(out["encoded"][:, 1])
+      logits = (out["logits_cls"] + out["logits_dist"]) / 2
+    out["logits"] = logits
+    return logits, out
+
+  def _position_embedding(self, grid_h, grid_w, width):
+    """(1, prefix + grid_h * grid_w, width), resized when the input is not `image_size`."""
+    num_prefix = self.num_prefix_tokens
+    if self.posemb == "sincos2d":
+      grid = posemb_lib.sincos_2d(grid_h, grid_w, width)
+      return jnp.pad(grid, ((0, 0), (num_prefix, 0), (0, 0)))
+    side = self.image_size // self.patch_size
+    posemb = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
+                        (1, num_prefix + side * side, width), self.param_dtype)
+    return posemb_lib.resize_posemb(posemb, (grid_h, grid_w), num_prefix)
+
+  def _head(self, name):
+    kernel_init = (nn.initializers.zeros if self.head_zeroinit
+                   else nn.initializers.normal(stddev=0.02))
+    return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=kernel_init, bias_init=nn.initializers.zeros, name=name)
