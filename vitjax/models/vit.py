@@ -18,7 +18,7 @@ Dtype = Any
 
 # Size table: name -> (width, depth, mlp_dim, num_heads).
 SIZES = {
-    "mu": (128, 6, 512, 4),   # Toy size for CPU experiments (the quickstart).
+    "mu": (64, 4, 256, 4),  # A toy size for CPU runs (the quickstart); not from a paper.
     "Ti": (192, 12, 768, 3),
     "S": (384, 12, 1536, 6),
     "M": (512, 12, 2048, 8),

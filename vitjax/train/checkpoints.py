@@ -1,0 +1,81 @@
+"""Orbax checkpoints of the training state: async saves, keep the last N, resume.
+
+A latest checkpoint that cannot be read (a crash mid-write, a corrupt disk) is
+skipped with a warning and the previous one is used instead.
+"""
+
+import logging
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint in the directory can be restored."""
+
+
+class Checkpointer:
+  """Saves and restores `state` pytrees under `workdir/checkpoints/STEP`."""
+
+  def __init__(self, workdir, keep=2):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=True))
+
+  def save(self, step, state):
+    """Starts an asynchronous save; training continues while it is written."""
+    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  def latest_step(self):
+    return self._manager.latest_step()
+
+  def restore(self, abstract_state):
+    """Restores the newest readable checkpoint; returns (step, state) or (None, None).
+
+    `abstract_state` is a pytree of `jax.ShapeDtypeStruct` (with shardings)
+    describing the state to restore into.
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      return None, None
+    failures = []
+    for step in steps:
+      try:
+        state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      except Exception as e:  # pylint: disable=broad-except
+        failures.append(f"step {step}: {type(e).__name__}: {_first_line(e)}")
+        logging.warning("Checkpoint at step %d in %s cannot be restored (%s); "
+                        "trying the previous one.", step, self.directory, _first_line(e))
+        print(f"WARNING: checkpoint at step {step} cannot be restored "
+              f"({type(e).__name__}); falling back to the previous one.", flush=True)
+        continue
+      return step, state
+    raise CheckpointError(
+        f"None of the checkpoints in {self.directory} can be restored:\n  "
+        + "\n  ".join(failures)
+        + "\nMove the directory away to start from scratch, or point --workdir elsewhere.")
+
+  def path(self, step):
+    return os.path.join(self.directory, str(step))
+
+  def wait(self):
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_like(tree):
+  """ShapeDtypeStructs (keeping shardings) of a pytree of arrays."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      tree)
+
+
+def _first_line(error):
+  text = str(error).strip().splitlines()
+  return text[0][:200] if text else ""

@@ -1,0 +1,80 @@
+"""Metrics out: metrics.jsonl, TensorBoard event files (no TensorFlow) and a PNG plot."""
+
+import json
+import math
+import os
+
+
+class MetricsWriter:
+  """Writes `{step, name: value}` rows; only process 0 writes."""
+
+  def __init__(self, workdir, enabled=True):
+    self.enabled = enabled
+    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self.plot_path = os.path.join(workdir, "metrics.png")
+    self._tensorboard = None
+    if enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def truncate_after(self, step):
+    """On resume, drops rows a previous run wrote after its last checkpoint."""
+    if not self.enabled or not os.path.exists(self.jsonl_path):
+      return
+    rows = read_metrics(self.jsonl_path)
+    with open(self.jsonl_path, "w") as f:
+      for row in rows:
+        if row["step"] <= step:
+          f.write(json.dumps(row) + "\n")
+
+  def write(self, step, metrics):
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    with open(self.jsonl_path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    for name, value in metrics.items():
+      self._tensorboard.add_scalar(name, float(value), int(step))
+
+  def close(self):
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+
+
+def read_metrics(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_metrics(jsonl_path, png_path):
+  """One panel per metric family (train/loss, eval/top1, ...) against steps."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  rows = read_metrics(jsonl_path)
+  series = {}
+  for row in rows:
+    for name, value in row.items():
+      if name != "step":
+        series.setdefault(name, ([], []))
+        series[name][0].append(row["step"])
+        series[name][1].append(value)
+  names = [n for n in ("train/loss", "eval/top1", "train/accuracy", "train/lr") if n in series]
+  names += sorted(set(series) - set(names))
+  columns = min(len(names), 3) or 1
+  figure_rows = math.ceil(len(names) / columns) or 1
+  fig, axes = plt.subplots(figure_rows, columns, figsize=(4.5 * columns, 3.2 * figure_rows),
+                           squeeze=False)
+  for ax, name in zip(axes.flat, names):
+    steps, values = series[name]
+    ax.plot(steps, values, marker="o" if len(steps) < 20 else None)
+    ax.set_title(name)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  for ax in list(axes.flat)[len(names):]:
+    ax.axis("off")
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=100)
+  plt.close(fig)
+  return png_path
