@@ -1,11 +1,13 @@
 """Orbax checkpoints of the training state: async saves, keep the last N, resume.
 
 A latest checkpoint that cannot be read (a crash mid-write, a corrupt disk) is
-skipped with a warning and the previous one is used instead.
+skipped with a warning and the previous one is used instead; the unreadable one
+is moved to `workdir/checkpoints_unreadable/` (kept for inspection, never deleted).
 """
 
 import logging
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -20,6 +22,7 @@ class Checkpointer:
 
   def __init__(self, workdir, keep=2):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.unreadable_directory = os.path.abspath(os.path.join(workdir, "checkpoints_unreadable"))
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -52,11 +55,26 @@ class Checkpointer:
         print(f"WARNING: checkpoint at step {step} cannot be restored "
               f"({type(e).__name__}); falling back to the previous one.", flush=True)
         continue
+      if failures:
+        self._set_aside_newer_than(step)
       return step, state
     raise CheckpointError(
         f"None of the checkpoints in {self.directory} can be restored:\n  "
         + "\n  ".join(failures)
         + "\nMove the directory away to start from scratch, or point --workdir elsewhere.")
+
+  def _set_aside_newer_than(self, step):
+    """Moves unreadable checkpoints newer than `step` out of the way of new saves."""
+    if jax.process_index() == 0:
+      for newer in sorted(s for s in self._manager.all_steps() if s > step):
+        target = os.path.join(self.unreadable_directory, str(newer))
+        os.makedirs(self.unreadable_directory, exist_ok=True)
+        if os.path.exists(target):
+          target += f".{len(os.listdir(self.unreadable_directory))}"
+        shutil.move(self.path(newer), target)
+        print(f"WARNING: moved the unreadable checkpoint of step {newer} to {target}.",
+              flush=True)
+    self._manager.reload()
 
   def path(self, step):
     return os.path.join(self.directory, str(step))

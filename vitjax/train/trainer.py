@@ -53,7 +53,8 @@ def _train_step(model, tx, task, state, batch, rng):
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = jax.tree_util.tree_map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)
-  metrics = {"loss": loss, "grad_norm": optax_global_norm(grads), **metrics}
+  metrics = {"loss": loss, "grad_norm": optax_global_norm(grads),
+             "update_norm": optax_global_norm(updates), **metrics}
   return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
 
@@ -164,9 +165,13 @@ def _check_and_summarise(pending):
   """Means of the pending steps' metrics; raises on the first non-finite loss."""
   fetched = jax.device_get([metrics for _, metrics in pending])
   for (step, _), metrics in zip(pending, fetched):
-    if not math.isfinite(float(metrics["loss"])):
+    # A finite loss with a non-finite update (e.g. a NaN learning rate) poisons the
+    # parameters just the same, so both are checked before anything is saved.
+    for name, what in (("loss", "training loss"), ("update_norm", "parameter update")):
+      if math.isfinite(float(metrics[name])):
+        continue
       raise TrainingDivergedError(
-          f"The training loss became {float(metrics['loss'])} at step {step}. "
+          f"The {what} became {float(metrics[name])} at step {step}. "
           f"No checkpoint was written after it; the last good one is kept. Lower "
           f"config.optimizer.learning_rate, enable config.optimizer.grad_clip_norm, "
           f"or use float32 compute.")

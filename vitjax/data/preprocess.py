@@ -1,0 +1,168 @@
+"""Image preprocessing as pure numpy functions on batches.
+
+Every function takes and returns `images` of shape [N, H, W, C] (float32 unless
+said otherwise), so the same code serves the input pipeline and a notebook. The
+random functions take a `np.random.Generator` and draw all their randomness
+from it up front; the pipeline instead calls the deterministic halves
+(`crop`, `flip`) with parameters it derives from (seed, step).
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+# ITU-R BT.601 luma weights, the usual RGB -> grayscale conversion.
+_LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def _interpolation_matrix(input_size: int, output_size: int) -> np.ndarray:
+  """[output_size, input_size] weights of a 1-D bilinear resize.
+
+  Pixel centers sit at half-integers. When downscaling, the triangle kernel is
+  stretched by the scale factor so that every input pixel contributes
+  (antialiasing); when upscaling this is plain bilinear interpolation. Rows are
+  normalized, so edge pixels are not darkened. This is the same resampling as
+  `jax.image.resize(method='linear', antialias=True)`.
+  """
+  scale = output_size / input_size
+  kernel_width = max(1.0 / scale, 1.0)
+  # Position of each output pixel center in input pixel coordinates.
+  sample = (np.arange(output_size) + 0.5) / scale - 0.5
+  distance = np.abs(sample[:, None] - np.arange(input_size)[None, :])
+  weights = np.maximum(0.0, 1.0 - distance / kernel_width)
+  weights /= weights.sum(axis=1, keepdims=True)
+  return weights.astype(np.float32)
+
+
+def resize(images: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+  """Bilinear resize of [N, H, W, C] to float32 [N, size, size, C].
+
+  `size` may also be a (height, width) pair.
+
+  Separable: two small matrix products, so resizing all 1,797 digits from 8x8
+  to 32x32 takes milliseconds. Antialiased when downscaling.
+  """
+  height, width = (size, size) if isinstance(size, int) else size
+  images = np.asarray(images, np.float32)
+  _, input_height, input_width, _ = images.shape
+  if (input_height, input_width) == (height, width):
+    return images
+  rows = _interpolation_matrix(input_height, height)
+  columns = _interpolation_matrix(input_width, width)
+  # [H_out, H_in] @ [N, H_in, W_in, C] over H, then [W_out, W_in] over W.
+  images = np.einsum("oh,nhwc->nowc", rows, images, optimize=True)
+  return np.matmul(columns, images)
+
+
+def resize_shorter_side_and_center_crop(images: np.ndarray,
+                                        size: int) -> np.ndarray:
+  """[N, H, W, C] -> [N, size, size, C]: shorter side to `size`, middle crop.
+
+  For datasets whose images differ in size and aspect ratio (ImageNet); square
+  images are simply resized.
+  """
+  height, width = images.shape[1:3]
+  scale = size / min(height, width)
+  new_height = max(size, round(height * scale))
+  new_width = max(size, round(width * scale))
+  images = resize(images, (new_height, new_width))
+  top = (new_height - size) // 2
+  left = (new_width - size) // 2
+  return images[:, top:top + size, left:left + size]
+
+
+def pad(images: np.ndarray, padding: int, mode: str = "constant") -> np.ndarray:
+  """Pads height and width by `padding` pixels on every side.
+
+  mode "constant" pads with zeros (black), "edge" repeats the border pixels.
+  """
+  if not padding:
+    return images
+  pad_width = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+  return np.pad(images, pad_width, mode=mode)
+
+
+def crop(images: np.ndarray, offsets: np.ndarray, size: int) -> np.ndarray:
+  """Crops a [size, size] window from each image, top-left corner at `offsets`.
+
+  Args:
+    images: [N, H, W, C].
+    offsets: int [N, 2], the (top, left) corner of each window, in
+      [0, H - size] x [0, W - size].
+    size: side of the windows.
+
+  Returns:
+    [N, size, size, C].
+  """
+  # A strided view of every possible window, [N, H', W', C, size, size], then
+  # one gather; about 5x faster than a Python loop of slice copies.
+  windows = sliding_window_view(images, (size, size), axis=(1, 2))
+  crops = windows[np.arange(len(images)), offsets[:, 0], offsets[:, 1]]
+  # The gather keeps the images' channels-last memory order, so for
+  # contiguous input this makes no copy.
+  return np.ascontiguousarray(np.moveaxis(crops, 1, -1))
+
+
+def random_crop(rng: np.random.Generator, images: np.ndarray, size: int,
+                padding: int, pad_mode: str = "constant") -> np.ndarray:
+  """Pads by `padding` pixels and crops a random [size, size] window per image.
+
+  With images of side `size` this is a random translation by up to `padding`
+  pixels, the standard CIFAR augmentation.
+  """
+  images = pad(images, padding, pad_mode)
+  max_offset = np.array(images.shape[1:3]) - size
+  if np.any(max_offset < 0):
+    raise ValueError(f"Cannot crop {size}x{size} from images of shape "
+                     f"{images.shape} (after padding by {padding}).")
+  offsets = rng.integers(0, max_offset + 1, size=(len(images), 2))
+  return crop(images, offsets, size)
+
+
+def flip(images: np.ndarray, flips: np.ndarray) -> np.ndarray:
+  """Mirrors images left-right where the boolean [N] `flips` is True."""
+  images = np.ascontiguousarray(images)
+  # Viewing each pixel's channels as one opaque element lets numpy mirror whole
+  # pixels instead of moving 3 channel values at a time: about 2x faster.
+  pixels = images.view(np.dtype((np.void, images.shape[-1] * images.itemsize)))
+  output = pixels.copy()
+  output[flips] = pixels[flips, :, ::-1]
+  return output.view(images.dtype).reshape(images.shape)
+
+
+def random_flip(rng: np.random.Generator, images: np.ndarray) -> np.ndarray:
+  """Mirrors each image left-right with probability 1/2."""
+  return flip(images, rng.random(len(images)) < 0.5)
+
+
+def normalize(images: np.ndarray, mean: Sequence[float],
+              std: Sequence[float]) -> np.ndarray:
+  """(images - mean) / std per channel; a length-1 mean or std is broadcast."""
+  width, channels = images.shape[-2:]
+  mean = np.broadcast_to(np.asarray(mean, np.float32), (channels,))
+  scale = 1.0 / np.broadcast_to(np.asarray(std, np.float32), (channels,))
+  # Broadcasting over a last axis of 3 runs numpy's inner loop 3 elements at a
+  # time; constants tiled over whole rows of pixels make this ~7x faster.
+  rows = images.reshape(-1, width * channels)
+  rows = (rows - np.tile(mean, width)) * np.tile(scale, width)
+  return rows.reshape(images.shape)
+
+
+def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
+  """Converts [..., C] images to `channels` channels.
+
+  Grayscale is repeated to RGB so that models built for ImageNet apply
+  unchanged; RGB becomes grayscale by luma; an alpha channel is dropped.
+  """
+  current = images.shape[-1]
+  if current == channels:
+    return images
+  if current == 4:  # RGBA: drop alpha, then convert as RGB.
+    return to_channels(images[..., :3], channels)
+  if current == 1 and channels == 3:
+    return np.repeat(images, 3, axis=-1)
+  if current == 3 and channels == 1:
+    gray = images.astype(np.float32) @ _LUMA_WEIGHTS
+    return gray[..., None]
+  raise ValueError(f"Cannot convert {current} channels to {channels}.")
