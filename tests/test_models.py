@@ -166,3 +166,11 @@ def test_resize_posemb_keeps_prefix_and_is_identity_at_same_grid():
 
 def test_variant_decoding_matches_the_size_table():
   assert vit.decode_variant("L/14") == dict(width=1024, depth=24, mlp_dim=4096, num_heads=16, patch_size=14)
+
+
+def test_model_table_tool_lists_published_counts(capsys):
+  from vitjax.tools import model_table
+  model_table.main(["vit_base_patch16_*", "--markdown"])
+  printed = capsys.readouterr().out
+  assert "| `vit_base_patch16_224` | 86,567,656 | 224 |" in printed
+  assert "vit_base_patch16_384" in printed and "deit" not in printed
