@@ -149,3 +149,14 @@ def test_cli_runs_and_prints_where_things_are(tmp_path):
   for label in ("checkpoint:", "metrics:", "plot:"):
     assert label in result.stdout
   assert (workdir / "metrics.png").exists() and (workdir / "config.json").exists()
+
+
+def test_bfloat16_compute_trains_float32_parameters(tmp_path):
+  config = tiny_config(total_steps=3, eval_every=3, checkpoint_every=3)
+  config_lib.apply_overrides(config, ["model.dtype=bfloat16", "optimizer.name=sgd"])
+  result = train_lib.train(config, str(tmp_path / "bf16"), progress=False)
+  _, params = final_params(str(tmp_path / "bf16"))
+  assert all(p.dtype == np.float32 for p in jax.tree_util.tree_leaves(params))
+  losses = [r["train/loss"] for r in read_rows(str(tmp_path / "bf16")) if "train/loss" in r]
+  assert len(losses) == 3 and all(np.isfinite(losses))
+  assert 0.0 <= result["eval/top1"] <= 1.0
