@@ -1,7 +1,11 @@
 # The two commands of the README: `make quickstart` and `make test`.
 # Both create .venv if it is missing and install what they need into it.
 
-PYTHON ?= $(shell for p in python3.12 python3.11 python3; do command -v $$p >/dev/null 2>&1 && { echo $$p; break; }; done)
+# The first interpreter that runs and is 3.11+ (a pyenv shim may exist and still fail).
+ifndef PYTHON
+PYTHON := $(shell for p in python3 python3.13 python3.12 python3.11; do \
+  $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 && { echo $$p; break; }; done)
+endif
 VENV := .venv
 BIN := $(VENV)/bin
 # A CPU build of PyTorch, installed before transformers so that pip does not fetch a CUDA build.
@@ -11,7 +15,7 @@ WORKDIR ?= workdirs/quickstart
 .PHONY: quickstart test clean
 
 $(BIN)/python:
-	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "vitjax needs Python 3.11+, found " + sys.version' 
+	@test -n "$(PYTHON)" || { echo "vitjax needs Python 3.11+ (python3 --version); set PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 

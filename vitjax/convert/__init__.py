@@ -1,9 +1,16 @@
-"""Weights in and out: big_vision/AugReg .npz, timm and HF transformers state dicts."""
+"""Weights in and out: big_vision/AugReg .npz, timm and HF transformers state dicts.
 
+    params = load_weights(model, 'ViT-B_16.npz')                # or .safetensors, .pth, .bin
+    params = load_weights(model, 'deit.pth', head='reinit')     # new classes: a fresh head
+    save_weights(params, 'vit.npz')                             # big_vision layout
+    save_weights(params, 'model.safetensors', format='hf')      # loads in transformers
 
-def load_weights(*args, **kwargs):
-  raise NotImplementedError
+Files are recognised by their contents and never unpickled.
+"""
 
+from vitjax.convert.checkpoint import (CheckpointMismatchError, hf_config, load_weights,
+                                       save_weights)
+from vitjax.convert.files import CheckpointError
 
-def save_weights(*args, **kwargs):
-  raise NotImplementedError
+__all__ = ["CheckpointError", "CheckpointMismatchError", "hf_config", "load_weights",
+           "save_weights"]
