@@ -6,9 +6,9 @@
     logits, out = model.apply({'params': params}, images)  # NHWC float images
 """
 
-from vitjax.convert import load_weights, save_weights
+from vitjax.convert import CheckpointError, CheckpointMismatchError, load_weights, save_weights
 from vitjax.models import UnknownModelError, create_model, init_params, list_models
 
 __version__ = "0.1.0"
-__all__ = ["UnknownModelError", "create_model", "init_params", "list_models",
-           "load_weights", "save_weights"]
+__all__ = ["CheckpointError", "CheckpointMismatchError", "UnknownModelError", "create_model",
+           "init_params", "list_models", "load_weights", "save_weights"]

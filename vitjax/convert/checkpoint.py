@@ -1,0 +1,299 @@
+"""load_weights / save_weights: any supported checkpoint in, vitjax parameters out.
+
+Loading is: read the file's arrays -> tell the layout from the names inside ->
+rename to vitjax names -> fit the position embeddings to the model's grid ->
+compare with the model's parameter shapes (jax.eval_shape, nothing computed).
+"""
+
+import math
+
+from flax import traverse_util
+import jax
+import numpy as np
+
+from vitjax.convert import big_vision, files, pytorch
+from vitjax.convert.files import CheckpointError
+from vitjax.models import dummy_input, param_shapes
+from vitjax.models.posemb import resize_posemb
+
+HEAD_NAMES = ("head", "head_dist", "pre_logits")
+_LAYOUTS = (  # Name, and a parameter every ViT of that layout has.
+    ("big_vision", big_vision.ANCHOR),
+    ("timm", pytorch.TIMM_ANCHOR),
+    ("Hugging Face transformers", pytorch.HF_ANCHOR),
+)
+_MAX_LISTED = 25  # Names per section of a mismatch error.
+
+
+class CheckpointMismatchError(CheckpointError):
+  """A checkpoint whose parameters do not fit the model; the message lists each difference."""
+
+
+def load_weights(model, path, *, head="error", rng=0):
+  """Parameters for `model` from a big_vision/AugReg .npz, timm or HF transformers file.
+
+  Args:
+    model: a vitjax ViT (e.g. from `vitjax.create_model`).
+    path: an .npz, .safetensors, .pth/.pt/.bin file, or a Hugging Face model
+      directory. The format is told from the names inside, not the file name.
+    head: 'error' (default) raises if the classifier does not fit the model;
+      'reinit' drops the checkpoint's `head`/`head_dist` (and a `pre_logits` that
+      does not fit) and takes freshly initialised ones: fine-tuning on new classes.
+    rng: seed or PRNG key for the fresh head of head='reinit'.
+
+  Returns:
+    The params tree (nested dicts of NumPy arrays in the model's param_dtype),
+    ready for `model.apply({'params': params}, images)` or `jax.device_put`.
+    Position embeddings made for another resolution are resized to the model's.
+
+  Raises:
+    FileNotFoundError: no file at `path`.
+    CheckpointError: not a checkpoint, damaged, or a layout vitjax does not know.
+    CheckpointMismatchError: the names or shapes differ from the model's; the
+      message lists what is missing, unexpected and differently shaped.
+  """
+  if head not in ("error", "reinit"):
+    raise ValueError(f"head={head!r}: use 'error' or 'reinit'.")
+  arrays, container = files.read_arrays(path)
+  layout, params = _to_vitjax_names(arrays, model, path, container)
+  template = traverse_util.flatten_dict(param_shapes(model), sep="/")
+  params = _fit_posemb(params, model, template)
+  if head == "reinit":
+    params = _reinit_head(params, model, template, rng)
+  message = _mismatch_message(params, template, f"The {layout} checkpoint {path}")
+  if message:
+    raise CheckpointMismatchError(message)
+  # np.array copies: the arrays may be read-only views of a memory-mapped file.
+  return traverse_util.unflatten_dict(
+      {name: np.array(params[name], dtype=t.dtype) for name, t in template.items()}, sep="/")
+
+
+def save_weights(params, path, *, format="big_vision"):  # pylint: disable=redefined-builtin
+  """Writes `params` to `path`, atomically.
+
+  format='big_vision' (default): an .npz with '/'-joined names, which
+  `load_weights` (and big_vision) read back exactly. format='timm' or 'hf': a
+  .safetensors state dict for timm or Hugging Face transformers (hub names,
+  so every transformers version reads it; see `hf_config` for the config).
+  """
+  if format not in ("big_vision", "timm", "hf"):
+    raise ValueError(f"format={format!r}: use 'big_vision', 'timm' or 'hf'.")
+  params = params.get("params", params) if set(params) == {"params"} else params
+  flat = {name: np.asarray(v) for name, v in
+          traverse_util.flatten_dict(jax.device_get(params), sep="/").items()}
+  suffix = str(path).rsplit(".", 1)[-1].lower()
+  if format == "big_vision":
+    if suffix == "safetensors":
+      raise ValueError(f"{path}: format='big_vision' writes an .npz; for .safetensors pass "
+                       "format='timm' or format='hf'.")
+    files.write_npz(flat, path)
+    return
+  if suffix in ("npz", "pth", "pt", "bin"):
+    raise ValueError(f"{path}: format={format!r} writes .safetensors, not .{suffix}.")
+  state_dict = _to_timm(flat) if format == "timm" else _to_hf(flat)
+  files.write_safetensors(state_dict, path, metadata={"format": "pt"})
+
+
+def hf_config(model):
+  """Arguments for `transformers.AutoConfig.for_model(**hf_config(model))`.
+
+  The config of the Hugging Face model that `save_weights(..., format='hf')` fits:
+  ViTForImageClassification, DeiTForImageClassificationWithTeacher, or ViTModel
+  (with a pooler when the model has a representation layer).
+  """
+  if model.pool_type != "token" or model.posemb != "learn":
+    raise ValueError("Hugging Face ViT/DeiT need pool_type='token' and posemb='learn'.")
+  if model.num_classes and model.representation_size:
+    raise ValueError("Hugging Face's ViTForImageClassification has no pre-logits layer.")
+  if not model.num_classes:
+    architecture = "DeiTModel" if model.distilled else "ViTModel"
+  else:
+    architecture = ("DeiTForImageClassificationWithTeacher" if model.distilled
+                    else "ViTForImageClassification")
+  config = dict(
+      model_type="deit" if model.distilled else "vit", architectures=[architecture],
+      hidden_size=model.width, num_hidden_layers=model.depth,
+      num_attention_heads=model.num_heads, intermediate_size=model.mlp_dim,
+      hidden_act="gelu_pytorch_tanh" if model.gelu_approximate else "gelu",
+      layer_norm_eps=model.layer_norm_eps, image_size=model.image_size,
+      patch_size=model.patch_size, num_channels=model.in_channels, qkv_bias=True)
+  if model.num_classes:
+    config["num_labels"] = model.num_classes
+  if model.representation_size:
+    config.update(pooler_output_size=model.representation_size, pooler_act="tanh")
+  return config
+
+
+# --- Loading -------------------------------------------------------------------------------
+
+def _detect_layout(arrays, path, container):
+  """(layout name, wrapper prefix), from where a known parameter name sits."""
+  for layout, anchor in _LAYOUTS:
+    prefixes = sorted({name[:-len(anchor)] for name in arrays if name.endswith(anchor)
+                       and (name == anchor or name[-len(anchor) - 1] in "./")})
+    # Training checkpoints also hold optimizer moments named like the parameters.
+    preferred = [p for p in ("", "params/", "opt/target/") if p in prefixes]
+    if len(prefixes) == 1 or preferred:
+      return layout, (preferred or prefixes)[0]
+    if prefixes:
+      raise CheckpointError(f"{path} holds several models ({layout} layout, prefixes "
+                            f"{', '.join(map(repr, prefixes))}); vitjax loads one at a time.")
+  first = ", ".join(sorted(arrays)[:8]) or "no arrays"
+  raise CheckpointError(
+      f"{path} ({container}, {len(arrays)} arrays) is not a ViT checkpoint in a layout vitjax "
+      f"knows. Found: {first}{', ...' if len(arrays) > 8 else ''}. vitjax reads big_vision / "
+      "AugReg .npz ('embedding/kernel', 'Transformer/encoderblock_0/...'), timm state dicts "
+      "('patch_embed.proj.weight', 'blocks.0.attn.qkv.weight') and Hugging Face transformers "
+      "ViT/DeiT ('vit.embeddings.patch_embeddings.projection.weight'), in .npz, .safetensors "
+      "or PyTorch files.")
+
+
+def _to_vitjax_names(arrays, model, path, container):
+  layout, prefix = _detect_layout(arrays, path, container)
+  if layout == "big_vision":
+    # A wrapper ('params/', 'opt/target/', 'img/' of a two-tower model): only what is inside.
+    arrays = {name[len(prefix):]: v for name, v in arrays.items() if name.startswith(prefix)}
+    return layout, big_vision.to_vitjax(arrays)
+  # 'vit.' / 'deit.' / DDP's 'module.': HF classification heads sit outside the prefix.
+  arrays = {name[len(prefix):] if name.startswith(prefix) else name: v
+            for name, v in arrays.items()}
+  table = pytorch.TIMM if layout == "timm" else pytorch.HF_IMPORT
+  return layout, pytorch.to_vitjax(arrays, table, model.num_heads)
+
+
+def _is_square(n):
+  return n >= 0 and math.isqrt(n) ** 2 == n
+
+
+def _fit_posemb(params, model, template):
+  """Gives the checkpoint's position embeddings the model's prefix layout and grid."""
+  posemb = params.get("pos_embedding")
+  if posemb is None or "pos_embedding" not in template or np.ndim(posemb) != 3:
+    return params
+  params = dict(params)
+  num_prefix = int("cls" in params) + int("dist" in params)
+  length = posemb.shape[1]
+  if num_prefix and not _is_square(length - num_prefix) and _is_square(length):
+    # Grid only (big_vision; timm's no_embed_class): the class token carries its own
+    # position embedding already, so zeros for the prefix give identical outputs.
+    posemb = np.concatenate([np.zeros((1, num_prefix, posemb.shape[2]), posemb.dtype), posemb],
+                            axis=1)
+  target = template["pos_embedding"].shape
+  if (posemb.shape != target and posemb.shape[2] == target[2]
+      and num_prefix == model.num_prefix_tokens and _is_square(posemb.shape[1] - num_prefix)):
+    side = math.isqrt(target[1] - num_prefix)
+    posemb = np.asarray(resize_posemb(np.asarray(posemb, np.float32), (side, side), num_prefix))
+  params["pos_embedding"] = posemb
+  return params
+
+
+def _reinit_head(params, model, template, rng):
+  """Replaces the checkpoint's classifier by a freshly initialised one."""
+  pre_logits = [n for n in template if n.startswith("pre_logits/")]
+  keep_pre_logits = pre_logits and all(
+      n in params and np.shape(params[n]) == template[n].shape for n in pre_logits)
+  params = {n: v for n, v in params.items() if n.split("/")[0] not in HEAD_NAMES
+            or (keep_pre_logits and n.startswith("pre_logits/"))}
+  if isinstance(rng, (int, np.integer)):
+    rng = jax.random.PRNGKey(rng)
+
+  def init_head(rng):
+    variables = model.init(rng, dummy_input(model))
+    return {k: v for k, v in variables["params"].items() if k in HEAD_NAMES}
+
+  # Under jit, XLA drops the initialisation of everything but the head.
+  fresh = traverse_util.flatten_dict(jax.device_get(jax.jit(init_head)(rng)), sep="/")
+  params.update({n: v for n, v in fresh.items() if n not in params})
+  return params
+
+
+def _mismatch_message(params, template, what):
+  missing = sorted(set(template) - set(params))
+  unexpected = sorted(set(params) - set(template))
+  mismatched = sorted(n for n in set(params) & set(template)
+                      if tuple(np.shape(params[n])) != tuple(template[n].shape))
+  if not (missing or unexpected or mismatched):
+    return None
+  lines = [f"{what} does not fit the model."]
+
+  def section(title, names, describe):
+    if names:
+      lines.append(f"{title} ({len(names)}):")
+      lines.extend(f"  {describe(n)}" for n in names[:_MAX_LISTED])
+      if len(names) > _MAX_LISTED:
+        lines.append(f"  ... and {len(names) - _MAX_LISTED} more")
+
+  section("Missing (in the model, not in the checkpoint)", missing,
+          lambda n: f"{n} {tuple(template[n].shape)}")
+  section("Unexpected (in the checkpoint, not in the model)", unexpected,
+          lambda n: f"{n} {tuple(np.shape(params[n]))}")
+  section("Shapes differ", mismatched,
+          lambda n: f"{n}: checkpoint {tuple(np.shape(params[n]))}, model "
+                    f"{tuple(template[n].shape)}")
+  lines.extend(_hints(params, template, missing + unexpected + mismatched))
+  return "\n".join(lines)
+
+
+def _hints(params, template, differing):
+  """Likely causes of a mismatch, in model-option terms."""
+  hints = []
+  depth = lambda names: len({n.split("/")[1] for n in names
+                             if n.startswith("Transformer/encoderblock_")})
+  if depth(params) != depth(template):
+    hints.append(f"The checkpoint has {depth(params)} blocks, the model depth={depth(template)}.")
+  kernel, want = params.get("embedding/kernel"), template.get("embedding/kernel")
+  if kernel is not None and want is not None and np.shape(kernel) != want.shape:
+    hints.append(f"Patch embedding: the checkpoint has patch_size={np.shape(kernel)[0]}, "
+                 f"width={np.shape(kernel)[-1]}; the model patch_size={want.shape[0]}, "
+                 f"width={want.shape[-1]}.")
+  query = "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel"
+  if (query in params and query in template and np.ndim(params[query]) == 3
+      and np.shape(params[query])[1] != template[query].shape[1]):
+    hints.append(f"The checkpoint has {np.shape(params[query])[1]} attention heads, the model "
+                 f"num_heads={template[query].shape[1]}.")
+  if "dist" in params and "head/kernel" in params and "head_dist/kernel" not in params:
+    hints.append("The checkpoint has a distillation token but a single head (like HF's "
+                 "DeiTForImageClassification, which classifies from the class token alone); "
+                 "vitjax's distilled models average two heads.")
+  if "fc_norm.weight" in params:
+    hints.append("timm's fc_norm (a LayerNorm after average pooling) has no counterpart: vitjax "
+                 "normalises the tokens before pooling.")
+  if all(n.split("/")[0] in HEAD_NAMES for n in differing):
+    hints.append("Only the classifier differs: head='reinit' loads everything else and "
+                 "initialises the model's head afresh.")
+  return hints
+
+
+# --- Saving to PyTorch layouts -------------------------------------------------------------
+
+def _check_exportable(flat, target):
+  if "pos_embedding" not in flat:
+    raise ValueError(f"{target} needs learned position embeddings; these params have none "
+                     "(posemb='sincos2d').")
+
+
+def _to_timm(flat):
+  _check_exportable(flat, "timm's VisionTransformer")
+  state_dict, left = pytorch.from_vitjax(flat, pytorch.TIMM)
+  if left:
+    raise ValueError(f"No place in a timm VisionTransformer for: {', '.join(left)}.")
+  return state_dict
+
+
+def _to_hf(flat):
+  """Hub names of ViTForImageClassification, DeiTForImageClassificationWithTeacher, ViTModel."""
+  _check_exportable(flat, "Hugging Face ViT")
+  if "cls" not in flat:
+    raise ValueError("Hugging Face ViT/DeiT classify from the class token; these params have "
+                     "none (pool_type='gap'/'map'). Export with format='timm' instead.")
+  table = pytorch.HF
+  prefix, heads = "", []
+  if "head/kernel" in flat:
+    # The classification models have no pooler, so a pre_logits layer is left over.
+    kind = "deit" if "dist" in flat else "vit"
+    prefix, heads = kind + ".", pytorch.HF_HEADS[kind]
+    table = [rule for rule in pytorch.HF if rule[1] != "pre_logits"] + heads
+  state_dict, left = pytorch.from_vitjax(flat, table, prefix, {rule[0] for rule in heads})
+  if left:
+    raise ValueError(f"No place in a Hugging Face ViT/DeiT for: {', '.join(left)}.")
+  return state_dict
