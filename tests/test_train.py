@@ -37,9 +37,8 @@ def read_rows(workdir):
 def final_params(workdir):
   checkpointer = checkpoints_lib.Checkpointer(workdir)
   step = checkpointer.latest_step()
-  restored = checkpointer._manager.restore(step)  # pylint: disable=protected-access
   checkpointer.close()
-  return step, restored["params"]
+  return step, checkpoints_lib.load_params(workdir, step)
 
 
 class _Preempted(Exception):
@@ -66,7 +65,7 @@ def test_train_stop_resume_finish_equals_uninterrupted_run(tmp_path, monkeypatch
   monkeypatch.setattr(type(dataset), "train_iter", _interrupt_after(original, 5))
   with pytest.raises(_Preempted):
     train_lib.train(config, str(tmp_path / "resumed"), progress=False)
-  assert checkpoints_lib.Checkpointer(str(tmp_path / "resumed")).latest_step() == 4
+  assert final_params(str(tmp_path / "resumed"))[0] == 4
   monkeypatch.setattr(type(dataset), "train_iter", original)
   resumed = train_lib.train(config, str(tmp_path / "resumed"), progress=False)
 

@@ -87,6 +87,19 @@ class Checkpointer:
     self._manager.close()
 
 
+def load_params(workdir, step=None):
+  """The model parameters of a training checkpoint (the latest unless `step`), as numpy."""
+  checkpointer = Checkpointer(workdir)
+  try:
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"No checkpoint in {checkpointer.directory}.")
+    state = checkpointer._manager.restore(step)  # pylint: disable=protected-access
+  finally:
+    checkpointer.close()
+  return state["params"]
+
+
 def abstract_like(tree):
   """ShapeDtypeStructs (keeping shardings) of a pytree of arrays."""
   return jax.tree_util.tree_map(
