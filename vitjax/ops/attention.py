@@ -8,7 +8,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla", "cudnn")
+from vitjax.ops import flash_attention
+
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 
 
 def attention_weights(q, k, *, bias=None, mask=None, causal=False, scale=None):
@@ -42,7 +44,28 @@ def _reference_attention(q, k, v, *, bias, mask, causal, scale):
   return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
 
 
-def dot_product_attention(q, k, v, *, bias=None, mask=None, causal=False,
+def segment_mask(q_segment_ids, kv_segment_ids):
+  """(batch, 1, q_len, k_len) boolean: a query sees the keys of its own segment."""
+  return (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
+
+
+def default_implementation(q, backend=None):
+  """What `implementation=None` picks for these inputs on this platform.
+
+  CPU: 'xla' (Pallas runs only interpreted there). TPU: 'pallas'. NVIDIA GPU:
+  'cudnn' for bf16/fp16 with head_dim <= 128 (its supported range), else 'xla'.
+  'pallas' takes over on GPUs where BENCHMARKS.md shows it faster.
+  """
+  backend = backend or jax.default_backend()
+  if backend == "tpu":
+    return "pallas"
+  if (backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+      and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0):
+    return "cudnn"
+  return "xla"
+
+
+def dot_product_attention(q, k, v, *, bias=None, mask=None, segment_ids=None, causal=False,
                           scale=None, implementation=None):
   """Multi-head scaled dot-product attention.
 
@@ -53,10 +76,14 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, causal=False,
     bias: additive, broadcastable to (batch, heads, q_len, k_len).
     mask: boolean, broadcastable to (batch, heads, q_len, k_len); True where
       attention is allowed.
-    causal: query i attends to keys up to i only.
+    segment_ids: (batch, length) ints, or a (q_segment_ids, kv_segment_ids)
+      pair; a query attends only to keys of the same segment (packed sequences).
+    causal: query i attends to keys j <= i + (k_len - q_len) only.
     scale: multiplies q k^T; defaults to 1/sqrt(head_dim).
-    implementation: 'xla' (reference), 'cudnn' (NVIDIA GPUs), or None/'auto'
-      (the fastest available one).
+    implementation: 'xla' (reference), 'cudnn' (NVIDIA GPUs), 'pallas'
+      (vitjax's flash-attention kernels; interpreted on the CPU), or None/'auto'
+      (see `default_implementation`). A named implementation the platform
+      cannot run is an error, never a silent fallback.
 
   Returns:
     (batch, q_len, heads, head_dim), in the dtype of `v`.
@@ -64,7 +91,15 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, causal=False,
   if scale is None:
     scale = 1.0 / math.sqrt(q.shape[-1])
   if implementation in (None, "auto"):
-    implementation = "xla"
+    implementation = default_implementation(q)
+  if implementation == "pallas":
+    return flash_attention.flash_attention(q, k, v, bias=bias, mask=mask,
+                                           segment_ids=segment_ids, causal=causal, scale=scale)
+  if segment_ids is not None:
+    q_ids, kv_ids = (segment_ids if isinstance(segment_ids, (tuple, list))
+                     else (segment_ids, segment_ids))
+    same = segment_mask(q_ids, kv_ids)
+    mask = same if mask is None else jnp.logical_and(mask, same)
   if implementation == "xla":
     return _reference_attention(q, k, v, bias=bias, mask=mask, causal=causal, scale=scale)
   if implementation == "cudnn":

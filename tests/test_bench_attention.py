@@ -1,0 +1,53 @@
+"""The attention benchmark runs on a CPU, does its FLOP arithmetic right and survives failures."""
+
+import json
+
+import pytest
+
+from vitjax.tools import bench_attention
+
+TINY = ["--shapes", "1x33x2x16", "--iters", "2", "--warmup", "1", "--dtype", "float32"]
+
+
+def test_rows_have_times_and_consistent_flops(tmp_path):
+  path = tmp_path / "rows.json"
+  rows = bench_attention.main(TINY + ["--impl", "xla", "--json", str(path)])
+  (row,) = rows
+  assert row["implementation"] == "xla" and row["shape"] == "1x33x2x16"
+  assert row["fwd_error"] is None and row["fwd_bwd_error"] is None
+  assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
+  # FlashAttention's convention: 4 * B * T^2 * H * D forward, 3.5x that for fwd+bwd.
+  assert row["fwd_flops"] == 4 * 1 * 33 * 33 * 2 * 16
+  assert row["fwd_bwd_flops"] == 3.5 * row["fwd_flops"]
+  assert row["fwd_tflops"] == pytest.approx(row["fwd_flops"] / (row["fwd_ms"] * 1e-3) / 1e12)
+  assert row["fwd_bwd_tflops"] == pytest.approx(
+      row["fwd_bwd_flops"] / (row["fwd_bwd_ms"] * 1e-3) / 1e12)
+  assert row["max_abs_diff"] == pytest.approx(0.0, abs=1e-6)  # 'xla' against itself.
+  assert json.loads(path.read_text())["rows"] == rows
+
+
+def test_causal_halves_the_flops():
+  (shape,) = bench_attention.parse_shapes("2x64x4x32", causal_only=True)
+  assert shape.causal and shape.forward_flops == 4 * 2 * 64 * 64 * 4 * 32 // 2
+
+
+def test_unavailable_implementation_is_a_row_not_a_crash(capsys):
+  rows = bench_attention.main(TINY + ["--impl", "cudnn,xla"])
+  cudnn, xla = rows
+  assert cudnn["fwd_error"].startswith("n/a") and cudnn["fwd_ms"] is None
+  assert xla["fwd_ms"] > 0  # The run went on after the failure.
+  assert "NVIDIA GPU" in capsys.readouterr().out  # The reason is printed.
+
+
+def test_out_of_memory_is_reported_as_oom():
+  error = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 34359738368 "
+                       "bytes.")
+  assert bench_attention._failure(error) == "OOM"  # pylint: disable=protected-access
+
+
+def test_markdown_has_a_header_and_a_row(capsys):
+  bench_attention.main(TINY + ["--impl", "xla", "--markdown"])
+  out = capsys.readouterr().out
+  assert "Attention benchmark on cpu, jax " in out
+  assert "| impl | B x T x H x D |" in out
+  assert any(line.startswith("| xla | 1x33x2x16 | no |") for line in out.splitlines())
