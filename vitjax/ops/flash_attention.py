@@ -407,9 +407,6 @@ def _dq_kernel(static, *refs):
   lse = lse_ref[...]
   delta = delta_ref[...]
   q_seg = q_seg_ref[...] if q_seg_ref is not None else None
-  if dbias_ref is not None:
-    # Tiles skipped by causal masking have zero gradient.
-    dbias_ref[...] = jnp.zeros(dbias_ref.shape, dbias_ref.dtype)
 
   def body(j, dq):
     k_start = j * block_k
@@ -431,6 +428,14 @@ def _dq_kernel(static, *refs):
   upper = _causal_k_blocks(static, q_block_index, block_q, block_k, num_k_blocks)
   dq = jax.lax.fori_loop(0, upper, body, jnp.zeros((block_q, head_dim), jnp.float32))
   dq_ref[...] = (dq * static.scale).astype(dq_ref.dtype)
+  if dbias_ref is not None:
+    # Tiles skipped by causal masking have zero gradient; written a tile at a time
+    # because GPU tiles must have power-of-two shapes and the padded k_len need not.
+    def zero_tile(j, carry):
+      cols = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
+      dbias_ref[:, cols] = jnp.zeros((block_q, block_k), dbias_ref.dtype)
+      return carry
+    jax.lax.fori_loop(upper, num_k_blocks, zero_tile, 0)
 
 
 def _backward(static, q, k, v, bias, mask, segments, out, lse, d_out):
