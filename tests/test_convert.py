@@ -9,6 +9,7 @@ import pickle
 import re
 import zipfile
 
+import flax.linen
 import jax
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ def tiny_model(**overrides):
 def random_params(model, seed=0):
   # Eager init: for models this small, faster than compiling init_params.
   images = np.zeros((1, model.image_size, model.image_size, 3), np.float32)
-  return jax.device_get(model.init(jax.random.PRNGKey(seed), images)["params"])
+  return jax.device_get(flax.linen.unbox(model.init(jax.random.PRNGKey(seed), images)["params"]))
 
 
 @pytest.fixture(scope="module")

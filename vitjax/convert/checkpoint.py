@@ -7,6 +7,7 @@ compare with the model's parameter shapes (jax.eval_shape, nothing computed).
 
 import math
 
+import flax.linen
 from flax import traverse_util
 import jax
 import numpy as np
@@ -79,6 +80,7 @@ def save_weights(params, path, *, format="big_vision"):  # pylint: disable=redef
   if format not in ("big_vision", "timm", "hf"):
     raise ValueError(f"format={format!r}: use 'big_vision', 'timm' or 'hf'.")
   params = params.get("params", params) if set(params) == {"params"} else params
+  params = flax.linen.unbox(params)  # Straight from model.init: drop the axis-name boxes.
   flat = {name: np.asarray(v) for name, v in
           traverse_util.flatten_dict(jax.device_get(params), sep="/").items()}
   suffix = str(path).rsplit(".", 1)[-1].lower()
@@ -198,8 +200,8 @@ def _reinit_head(params, model, template, rng):
     rng = jax.random.PRNGKey(rng)
 
   def init_head(rng):
-    variables = model.init(rng, dummy_input(model))
-    return {k: v for k, v in variables["params"].items() if k in HEAD_NAMES}
+    params = flax.linen.unbox(model.init(rng, dummy_input(model))["params"])
+    return {k: v for k, v in params.items() if k in HEAD_NAMES}
 
   # Under jit, XLA drops the initialisation of everything but the head.
   fresh = traverse_util.flatten_dict(jax.device_get(jax.jit(init_head)(rng)), sep="/")

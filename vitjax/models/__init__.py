@@ -9,6 +9,7 @@ import difflib
 import fnmatch
 from typing import Any, Callable, Dict
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -105,17 +106,21 @@ def dummy_input(model, batch_size=1):
 
 
 def init_params(model, rng=0, batch_size=1):
-  """Initialised parameters of `model` (jitted; a seed or a PRNG key)."""
+  """Initialised parameters of `model` (jitted; a seed or a PRNG key), as plain arrays."""
   if isinstance(rng, int):
     rng = jax.random.PRNGKey(rng)
   variables = jax.jit(model.init)(rng, dummy_input(model, batch_size))
-  return variables["params"]
+  return nn.unbox(variables["params"])
 
 
-def param_shapes(model):
-  """Parameter shapes and dtypes without computing anything (jax.eval_shape)."""
+def param_shapes(model, *, boxed=False):
+  """Parameter shapes and dtypes without computing anything (jax.eval_shape).
+
+  With `boxed=True` each leaf keeps its logical axis names (flax's
+  LogicallyPartitioned), which `nn.get_partition_spec` turns into specs.
+  """
   variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy_input(model))
-  return variables["params"]
+  return variables["params"] if boxed else nn.unbox(variables["params"])
 
 
 def count_params(params):

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vitjax import ops
+from vitjax.models.partitioning import constrain, logical
 
 Dtype = Any
 
@@ -35,14 +36,15 @@ class MultiHeadDotProductAttention(nn.Module):
       raise ValueError(f"Attention width {qkv_features} is not divisible by "
                        f"num_heads={self.num_heads}.")
     head_dim = qkv_features // self.num_heads
-    projection = lambda name: nn.DenseGeneral(
+    projection = lambda name, x: constrain(nn.DenseGeneral(
         (self.num_heads, head_dim), use_bias=self.use_bias, dtype=self.dtype,
         param_dtype=self.param_dtype, name=name,
-        kernel_init=nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.zeros)
-    q = projection("query")(inputs_q)
-    k = projection("key")(inputs_kv)
-    v = projection("value")(inputs_kv)
+        kernel_init=logical(nn.initializers.xavier_uniform(), "embed", "heads", "kv"),
+        bias_init=logical(nn.initializers.zeros, "heads", "kv"),
+    )(x), "act_batch", "act_length", "act_heads", "act_kv")
+    q = projection("query", inputs_q)
+    k = projection("key", inputs_kv)
+    v = projection("value", inputs_kv)
     if self.dropout > 0.0 and not deterministic:
       # Dropout on the attention weights needs them materialised: the unfused path.
       weights = ops.attention_weights(q, k, bias=bias, mask=mask, causal=causal)
@@ -54,5 +56,5 @@ class MultiHeadDotProductAttention(nn.Module):
     return nn.DenseGeneral(
         self.out_features or inputs_q.shape[-1], axis=(-2, -1),
         use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.zeros, name="out")(x)
+        kernel_init=logical(nn.initializers.xavier_uniform(), "heads", "kv", "embed"),
+        bias_init=logical(nn.initializers.zeros, "embed"), name="out")(x)

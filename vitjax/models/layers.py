@@ -7,8 +7,16 @@ import jax
 import jax.numpy as jnp
 
 from vitjax.models.attention import MultiHeadDotProductAttention
+from vitjax.models.partitioning import constrain, logical
+
 
 Dtype = Any
+
+
+def layer_norm(name, epsilon, dtype, param_dtype):
+  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
+                      scale_init=logical(nn.initializers.ones, "embed"),
+                      bias_init=logical(nn.initializers.zeros, "embed"))
 
 
 class MlpBlock(nn.Module):
@@ -22,14 +30,15 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic=True):
     width = x.shape[-1]
-    dense = lambda features, name: nn.Dense(
+    dense = lambda features, name, axes: nn.Dense(
         features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-        kernel_init=nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.normal(stddev=1e-6))
-    x = dense(self.mlp_dim or 4 * width, "Dense_0")(x)
+        kernel_init=logical(nn.initializers.xavier_uniform(), *axes),
+        bias_init=logical(nn.initializers.normal(stddev=1e-6), axes[1]))
+    x = dense(self.mlp_dim or 4 * width, "Dense_0", ("embed", "mlp"))(x)
     x = nn.gelu(x, approximate=self.gelu_approximate)
+    x = constrain(x, "act_batch", "act_length", "act_mlp")
     x = nn.Dropout(rate=self.dropout)(x, deterministic)
-    return dense(width, "Dense_1")(x)
+    return dense(width, "Dense_1", ("mlp", "embed"))(x)
 
 
 class DropPath(nn.Module):
@@ -59,15 +68,14 @@ class MAPHead(nn.Module):
   @nn.compact
   def __call__(self, x):
     batch, _, width = x.shape
-    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, width),
-                       self.param_dtype)
+    probe = self.param("probe", logical(nn.initializers.xavier_uniform(), None, None, "embed"),
+                       (1, 1, width), self.param_dtype)
     probe = jnp.tile(probe, [batch, 1, 1]).astype(self.dtype)
     x = MultiHeadDotProductAttention(
         num_heads=self.num_heads, attention_impl=self.attention_impl,
         dtype=self.dtype, param_dtype=self.param_dtype,
         name="MultiHeadDotProductAttention_0")(probe, x)
-    y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="LayerNorm_0")(x)
+    y = layer_norm("LayerNorm_0", self.layer_norm_eps, self.dtype, self.param_dtype)(x)
     x = x + MlpBlock(self.mlp_dim, gelu_approximate=self.gelu_approximate,
                      dtype=self.dtype, param_dtype=self.param_dtype,
                      name="MlpBlock_0")(y)

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 
 from vitjax.models import posemb as posemb_lib
 from vitjax.models.attention import MultiHeadDotProductAttention
-from vitjax.models.layers import DropPath, MAPHead, MlpBlock
+from vitjax.models.layers import DropPath, MAPHead, MlpBlock, layer_norm
+from vitjax.models.partitioning import constrain, logical
 
 Dtype = Any
 
@@ -58,8 +59,7 @@ class Encoder1DBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, deterministic=True):
-    norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
-                                     param_dtype=self.param_dtype, name=name)
+    norm = lambda name: layer_norm(name, self.layer_norm_eps, self.dtype, self.param_dtype)
     y = norm("LayerNorm_0")(x)
     y = MultiHeadDotProductAttention(
         num_heads=self.num_heads, dropout=self.attention_dropout,
@@ -74,7 +74,8 @@ class Encoder1DBlock(nn.Module):
                  gelu_approximate=self.gelu_approximate, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="MlpBlock_0")(y, deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    return x + DropPath(self.drop_path)(y, deterministic)
+    x = x + DropPath(self.drop_path)(y, deterministic)
+    return constrain(x, "act_batch", "act_length", "act_embed")
 
 
 class Encoder(nn.Module):
@@ -104,8 +105,7 @@ class Encoder(nn.Module):
           param_dtype=self.param_dtype, name=f"encoderblock_{i}")(x, deterministic)
       out[f"block{i:02d}"] = x
     out["pre_norm"] = x
-    x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="encoder_norm")(x)
+    x = layer_norm("encoder_norm", self.layer_norm_eps, self.dtype, self.param_dtype)(x)
     return x, out
 
 
@@ -158,20 +158,25 @@ class VisionTransformer(nn.Module):
     out = {}
     x = nn.Conv(self.width, (self.patch_size, self.patch_size), strides=self.patch_size,
                 padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
+                kernel_init=logical(nn.initializers.lecun_normal(), None, None, None, "embed"),
+                bias_init=logical(nn.initializers.zeros, "embed"),
                 name="embedding")(images.astype(self.dtype))
     batch, grid_h, grid_w, width = x.shape
     x = out["stem"] = x.reshape(batch, grid_h * grid_w, width)
 
     prefix = []
     if self.pool_type == "token":
-      prefix.append(self.param("cls", nn.initializers.zeros, (1, 1, width), self.param_dtype))
+      prefix.append(self.param("cls", logical(nn.initializers.zeros, None, None, "embed"),
+                               (1, 1, width), self.param_dtype))
     if self.distilled:
-      prefix.append(self.param("dist", nn.initializers.zeros, (1, 1, width), self.param_dtype))
+      prefix.append(self.param("dist", logical(nn.initializers.zeros, None, None, "embed"),
+                               (1, 1, width), self.param_dtype))
     if prefix:
       prefix = jnp.concatenate(prefix, axis=1).astype(self.dtype)
       x = jnp.concatenate([jnp.tile(prefix, [batch, 1, 1]), x], axis=1)
 
     x = x + self._position_embedding(grid_h, grid_w, width).astype(self.dtype)
+    x = constrain(x, "act_batch", "act_length", "act_embed")
     x = nn.Dropout(rate=self.dropout)(x, deterministic)
 
     x, encoder_out = Encoder(
@@ -198,7 +203,9 @@ class VisionTransformer(nn.Module):
 
     if self.representation_size:
       x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
-                           param_dtype=self.param_dtype, name="pre_logits")(x))
+                           param_dtype=self.param_dtype, name="pre_logits",
+                           kernel_init=logical(nn.initializers.lecun_normal(), "embed", "mlp"),
+                           bias_init=logical(nn.initializers.zeros, "mlp"))(x))
     out["pre_logits"] = x
 
     if not self.num_classes:
@@ -219,7 +226,8 @@ class VisionTransformer(nn.Module):
       grid = posemb_lib.sincos_2d(grid_h, grid_w, width)
       return jnp.pad(grid, ((0, 0), (num_prefix, 0), (0, 0)))
     side = self.image_size // self.patch_size
-    posemb = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
+    posemb = self.param("pos_embedding",
+                        logical(nn.initializers.normal(stddev=0.02), None, None, "embed"),
                         (1, num_prefix + side * side, width), self.param_dtype)
     return posemb_lib.resize_posemb(posemb, (grid_h, grid_w), num_prefix)
 
@@ -227,4 +235,5 @@ class VisionTransformer(nn.Module):
     kernel_init = (nn.initializers.zeros if self.head_zeroinit
                    else nn.initializers.normal(stddev=0.02))
     return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=kernel_init, bias_init=nn.initializers.zeros, name=name)
+                    kernel_init=logical(kernel_init, "embed", "classes"),
+                    bias_init=logical(nn.initializers.zeros, "classes"), name=name)
