@@ -66,6 +66,16 @@ def get_config(arg=None):
       end_learning_rate=1e-5,
   )
 
+  # Parallelism (vitjax.train.sharding): mesh axis sizes, -1 = all remaining devices,
+  # and the rules preset mapping logical axes to them: 'dp', 'fsdp' or 'fsdp_tp'.
+  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  config.sharding = "dp"
+  config.sharding_rules = None  # An explicit ((logical, mesh_axes), ...) table instead.
+  config.grad_accum_steps = 1
+  # Multi-host: enabled=True calls jax.distributed.initialize (None = detect).
+  config.distributed = dict(enabled=False, coordinator_address=None, num_processes=None,
+                            process_id=None, cpu_collectives=None)
+
   config.log_every = 50
   config.eval_every = 300
   config.checkpoint_every = 300

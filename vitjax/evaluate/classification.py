@@ -18,15 +18,21 @@ def _eval_step(model, params, images, labels, mask):
           "count": jnp.sum(mask)}
 
 
-def evaluate_classification(model, params, batches):
+def evaluate_classification(model, params, batches, batch_sharding=None):
   """Top-1 / top-5 accuracy over `batches` of {'image', 'label', 'mask'}.
 
   Padded examples (mask False) are not counted, so every example counts once.
+  With `batch_sharding`, each batch is this host's slice of a global batch split
+  that way over the devices (the trainer's case); without, batches are whole.
   """
   totals = {"top1": 0, "top5": 0, "count": 0}
   for batch in batches:
-    mask = batch.get("mask", np.ones(len(batch["label"]), bool))
-    sums = _eval_step(model, params, batch["image"], batch["label"], mask.astype(np.float32))
+    batch = {"mask": np.ones(len(batch["label"]), bool), **batch}
+    batch["mask"] = batch["mask"].astype(np.float32)
+    if batch_sharding is not None:
+      batch = jax.tree_util.tree_map(
+          lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
+    sums = _eval_step(model, params, batch["image"], batch["label"], batch["mask"])
     for key, value in jax.device_get(sums).items():
       totals[key] += float(value)
   if not totals["count"]:

@@ -36,11 +36,9 @@ class MultiHeadDotProductAttention(nn.Module):
       raise ValueError(f"Attention width {qkv_features} is not divisible by "
                        f"num_heads={self.num_heads}.")
     head_dim = qkv_features // self.num_heads
-    projection = lambda name, x: constrain(nn.DenseGeneral(
-        (self.num_heads, head_dim), use_bias=self.use_bias, dtype=self.dtype,
+    projection = lambda name, x: constrain(HeadProjection(
+        self.num_heads, head_dim, use_bias=self.use_bias, dtype=self.dtype,
         param_dtype=self.param_dtype, name=name,
-        kernel_init=logical(nn.initializers.xavier_uniform(), "embed", "heads", "kv"),
-        bias_init=logical(nn.initializers.zeros, "heads", "kv"),
     )(x), "act_batch", "act_length", "act_heads", "act_kv")
     q = projection("query", inputs_q)
     k = projection("key", inputs_kv)
@@ -53,8 +51,50 @@ class MultiHeadDotProductAttention(nn.Module):
     else:
       x = ops.dot_product_attention(q, k, v, bias=bias, mask=mask, causal=causal,
                                     implementation=self.attention_impl)
-    return nn.DenseGeneral(
-        self.out_features or inputs_q.shape[-1], axis=(-2, -1),
-        use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=logical(nn.initializers.xavier_uniform(), "heads", "kv", "embed"),
-        bias_init=logical(nn.initializers.zeros, "embed"), name="out")(x)
+    return OutProjection(self.out_features or inputs_q.shape[-1], use_bias=self.use_bias,
+                         dtype=self.dtype, param_dtype=self.param_dtype, name="out")(x)
+
+
+class HeadProjection(nn.Module):
+  """(..., width) -> (..., heads, head_dim); kernel (width, heads, head_dim), as nn.DenseGeneral.
+
+  Written out rather than nn.DenseGeneral, which initialises a flattened kernel
+  and so cannot carry per-axis logical names for sharding.
+  """
+  num_heads: int
+  head_dim: int
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
+    kernel = self.param("kernel", logical(init, "embed", "heads", "kv"),
+                        (x.shape[-1], self.num_heads, self.head_dim), self.param_dtype)
+    y = jnp.einsum("...d,dhk->...hk", x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", logical(nn.initializers.zeros, "heads", "kv"),
+                        (self.num_heads, self.head_dim), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class OutProjection(nn.Module):
+  """(..., heads, head_dim) -> (..., features); kernel (heads, head_dim, features)."""
+  features: int
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
+    kernel = self.param("kernel", logical(init, "heads", "kv", "embed"),
+                        x.shape[-2:] + (self.features,), self.param_dtype)
+    y = jnp.einsum("...hk,hkd->...d", x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", logical(nn.initializers.zeros, "embed"), (self.features,),
+                        self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y

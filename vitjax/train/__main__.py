@@ -47,6 +47,8 @@ def main(argv=None):
   except (config_lib.ConfigError, models.UnknownModelError, TypeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  from vitjax.train import sharding  # pylint: disable=g-import-not-at-top
+  sharding.initialize_distributed(config.get("distributed"))
   try:
     result = trainer.train(config, args.workdir, progress=not args.no_progress)
   except trainer.TrainingDivergedError as e:

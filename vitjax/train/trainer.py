@@ -14,6 +14,7 @@ import math
 import os
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +25,7 @@ from vitjax.evaluate import evaluate_classification
 from vitjax.train import checkpoints as checkpoints_lib
 from vitjax.train import metrics as metrics_lib
 from vitjax.train import optim
+from vitjax.train import sharding as sharding_lib
 from vitjax.train import tasks
 
 
@@ -41,16 +43,41 @@ def build_model(config):
   return models.create_model(name, **options)
 
 
-def _train_step(model, tx, task, state, batch, rng):
-  """One optimizer update; returns the new state and this step's metrics."""
+def _train_step(model, tx, task, grad_accum_steps, state, batch, rng):
+  """One optimizer update, over `grad_accum_steps` micro-batches; returns state and metrics."""
   step_rng = jax.random.fold_in(rng, state["step"])
 
-  def loss_fn(params):
-    logits, out = model.apply({"params": params}, batch["image"], train=True,
-                              rngs={"dropout": step_rng})
-    return task.loss(logits, out, batch)
+  def loss_fn(params, micro_batch, micro_rng):
+    logits, out = model.apply({"params": params}, micro_batch["image"], train=True,
+                              rngs={"dropout": micro_rng})
+    return task.loss(logits, out, micro_batch)
 
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if grad_accum_steps == 1:
+    (loss, metrics), grads = grad_fn(state["params"], batch, step_rng)
+  else:
+    # Example i goes to micro-batch i % n, so every micro-batch keeps the batch's
+    # split over devices. Equal-size micro-batches: the mean of their mean
+    # gradients is the full batch's mean gradient.
+    micro_batches = jax.tree_util.tree_map(
+        lambda x: jnp.swapaxes(x.reshape((-1, grad_accum_steps) + x.shape[1:]), 0, 1), batch)
+
+    def accumulate(carry, inputs):
+      index, micro_batch = inputs
+      (loss, metrics), grads = grad_fn(state["params"], micro_batch,
+                                       jax.random.fold_in(step_rng, index))
+      return jax.tree_util.tree_map(jnp.add, carry, (grads, loss, metrics)), None
+
+    zeros = jax.tree_util.tree_map(
+        lambda x: jnp.zeros(x.shape, jnp.float32),
+        jax.eval_shape(grad_fn, state["params"],
+                       jax.tree_util.tree_map(lambda x: x[0], micro_batches), step_rng))
+    (grads, loss, metrics), _ = jax.lax.scan(
+        accumulate, (zeros[1], zeros[0][0], zeros[0][1]),
+        (jnp.arange(grad_accum_steps), micro_batches))
+    grads, loss, metrics = jax.tree_util.tree_map(lambda x: x / grad_accum_steps,
+                                                  (grads, loss, metrics))
+    grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state["params"])
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = jax.tree_util.tree_map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)
   metrics = {"loss": loss, "grad_norm": optax_global_norm(grads),
@@ -74,21 +101,56 @@ def train(config, workdir, *, progress=True):
   if config.model.num_classes and config.model.num_classes < dataset.num_classes:
     raise ValueError(f"config.model.num_classes={config.model.num_classes} but dataset "
                      f"{config.dataset!r} has {dataset.num_classes} classes.")
+  accum = config.get("grad_accum_steps", 1)
+  mesh = sharding_lib.make_mesh(config.get("mesh") or {"data": -1})
+  rules = sharding_lib.logical_rules(config)
+  split = sharding_lib.batch_devices(mesh)
+  if config.batch_size % (accum * split):
+    raise ValueError(
+        f"config.batch_size={config.batch_size} must be divisible by grad_accum_steps="
+        f"{accum} x the {split} devices the batch is split over (mesh {dict(mesh.shape)}).")
+  if config.get("eval_batch_size", config.batch_size) % split:
+    raise ValueError(f"config.eval_batch_size={config.eval_batch_size} must be divisible by "
+                     f"the {split} devices the batch is split over (mesh {dict(mesh.shape)}).")
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, train_rng = jax.random.split(rng)
-  params = models.init_params(model, init_rng)
+  with sharding_lib.mesh_context(mesh, rules):
+    return _train_loop(config, workdir, model, task, dataset, mesh, progress, is_main)
+
+
+def _init_state(config, model, mesh, rng):
+  """The train state, created directly sharded (never whole on one device), and its shardings."""
+  init_rng, _ = jax.random.split(rng)
+  images = models.dummy_input(model)
+  boxed = jax.eval_shape(lambda r: model.init(r, images)["params"], init_rng)
+  param_shardings = sharding_lib.param_shardings(boxed, mesh, nn.get_logical_axis_rules())
+  params = jax.jit(lambda r: nn.unbox(model.init(r, images)["params"]),
+                   out_shardings=param_shardings)(init_rng)
   if config.get("init_weights"):
     from vitjax import convert  # pylint: disable=g-import-not-at-top
-    params = convert.load_weights(model, config.init_weights,
+    loaded = convert.load_weights(model, config.init_weights,
                                   head=config.get("init_head", "error"), rng=init_rng)
+    params = jax.device_put(loaded, param_shardings)
   tx, schedule = optim.make_optimizer(config, params)
-  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  opt_shardings = sharding_lib.like_params(jax.eval_shape(tx.init, params), params,
+                                           param_shardings, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  state = {"params": params, "opt_state": opt_state,
+           "step": jax.device_put(jnp.zeros((), jnp.int32), sharding_lib.replicated(mesh))}
+  shardings = {"params": param_shardings, "opt_state": opt_shardings,
+               "step": sharding_lib.replicated(mesh)}
+  return state, shardings, tx, schedule
+
+
+def _train_loop(config, workdir, model, task, dataset, mesh, progress, is_main):
+  """The loop proper, inside the mesh and sharding-rules context."""
+  rng = jax.random.PRNGKey(config.seed)
+  train_rng = jax.random.split(rng)[1]
+  state, state_shardings, tx, schedule = _init_state(config, model, mesh, rng)
 
   checkpointer = checkpoints_lib.Checkpointer(workdir, keep=config.get("keep_checkpoints", 2))
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
@@ -100,7 +162,13 @@ def train(config, workdir, *, progress=True):
           flush=True)
   start_step = start_step or 0
 
-  train_step = jax.jit(functools.partial(_train_step, model, tx, task), donate_argnums=(0,))
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  replicated = sharding_lib.replicated(mesh)
+  train_step = jax.jit(
+      functools.partial(_train_step, model, tx, task, config.get("grad_accum_steps", 1)),
+      in_shardings=(state_shardings, batch_sharding, replicated),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=(0,))
   batches = dataset.train_iter(config.batch_size, seed=config.seed, start_step=start_step,
                                process_index=jax.process_index(),
                                process_count=jax.process_count())
@@ -111,7 +179,8 @@ def train(config, workdir, *, progress=True):
         model, state["params"],
         dataset.eval_iter(config.get("eval_batch_size", config.batch_size),
                           process_index=jax.process_index(),
-                          process_count=jax.process_count()))
+                          process_count=jax.process_count()),
+        batch_sharding=batch_sharding)
     result = {f"eval/{k}": v for k, v in result.items()}
     writer.write(step, result)
     return result
@@ -123,7 +192,7 @@ def train(config, workdir, *, progress=True):
   saved_step = start_step if restored is not None else None
   try:
     for step in range(start_step + 1, total_steps + 1):
-      batch = next(batches)
+      batch = sharding_lib.global_batch(next(batches), batch_sharding)
       state, step_metrics = train_step(state, batch, train_rng)
       pending.append((step, step_metrics))
       is_last = step == total_steps

@@ -1,0 +1,107 @@
+"""Sharding by configuration on 8 CPU devices, and a two-process jax.distributed run.
+
+The device count is fixed when JAX starts, so each check runs in a fresh process
+(tests/multidevice_runs.py) with XLA_FLAGS=--xla_force_host_platform_device_count=N.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
+
+
+def _env(devices):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def run_scenario(name, tmp_path, devices=8):
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "tests", "multidevice_runs.py"), name, str(tmp_path)],
+      capture_output=True, text=True, env=_env(devices), timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT "):])
+
+
+def test_losses_equal_across_meshes(tmp_path):
+  losses = run_scenario("meshes", tmp_path)
+  assert len(losses["one_device"]) == 5
+  for name in ("data8", "fsdp8", "data2_fsdp2_tensor2"):
+    np.testing.assert_allclose(losses[name], losses["one_device"], atol=1e-5, err_msg=name)
+  assert losses["one_device"][-1] < losses["one_device"][0]  # It trains.
+
+
+def test_fsdp8_holds_an_eighth_of_the_state_per_device(tmp_path):
+  memory = run_scenario("fsdp_memory", tmp_path)
+  assert len(memory["per_device"]) == 8
+  for device, nbytes in memory["per_device"].items():
+    assert nbytes <= memory["total"] / 8 * 1.05, (device, nbytes, memory["total"])
+
+
+def test_gradient_accumulation_equals_the_full_batch(tmp_path):
+  results = run_scenario("grad_accum", tmp_path)
+  np.testing.assert_allclose(results["accum4"]["losses"], results["accum1"]["losses"], atol=1e-5)
+  for full, accumulated in zip(results["accum1"]["params"], results["accum4"]["params"]):
+    np.testing.assert_allclose(accumulated, full, atol=1e-5)
+
+
+def test_checkpoint_from_fsdp8_restores_on_data8_and_continues_identically(tmp_path):
+  results = run_scenario("mesh_change", tmp_path)
+  assert len(results["changed"]) == len(results["straight"]) == 6
+  np.testing.assert_allclose(results["changed"], results["straight"], atol=1e-5)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _cli(workdir, extra=()):
+  return [sys.executable, "-m", "vitjax.train", "--config", QUICKSTART + ":image_size=8,steps=3",
+          "--workdir", str(workdir), "--no_progress", "--config.batch_size=16",
+          "--config.eval_batch_size=120", "--config.eval_every=3", "--config.log_every=1",
+          "--config.model.drop_path_rate=0.0", *extra]
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [row["train/loss"] for row in map(json.loads, f) if "train/loss" in row]
+
+
+def test_two_processes_give_the_losses_of_one(tmp_path):
+  single = subprocess.run(_cli(tmp_path / "single"), capture_output=True, text=True,
+                          env=_env(2), cwd=ROOT, timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+
+  port = _free_port()
+  workers = [subprocess.Popen(
+      _cli(tmp_path / "multi", [
+          "--config.distributed.enabled=true",
+          f"--config.distributed.coordinator_address=localhost:{port}",
+          "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+          "--config.distributed.cpu_collectives=gloo"]),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(1), cwd=ROOT)
+      for i in range(2)]
+  outputs = []
+  for worker in workers:
+    try:
+      outputs.append(worker.communicate(timeout=600))
+    except subprocess.TimeoutExpired:
+      for w in workers:
+        w.kill()
+      pytest.fail("the two-process run did not finish")
+  for worker, (_, stderr) in zip(workers, outputs):
+    assert worker.returncode == 0, stderr[-3000:]
+  np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(tmp_path / "single"), atol=1e-5)
+  assert "Final eval top-1" in outputs[0][0]
