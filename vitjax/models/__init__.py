@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vitjax.models import mixer
 from vitjax.models import vit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -39,7 +40,8 @@ class ModelEntry:
 _REGISTRY: Dict[str, ModelEntry] = {}
 # Families built from a `variant` string, big_vision style: name -> (module, decoder).
 _FAMILIES = {"vit": (vit.VisionTransformer, vit.decode_variant),
-             "deit": (vit.VisionTransformer, vit.decode_variant)}
+             "deit": (vit.VisionTransformer, vit.decode_variant),
+             "mixer": (mixer.MlpMixer, mixer.decode_variant)}
 
 
 def register(name, module, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, paper="", **defaults):
@@ -148,4 +150,14 @@ def _register_vits():
                  **vit.decode_variant(f"{size}/16"))
 
 
+def _register_mixers():
+  paper = "MLP-Mixer: An all-MLP Architecture for Vision (Tolstikhin et al., 2021)"
+  for size in ("s", "b", "l"):
+    for patch in (16, 32):
+      register(f"mixer_{size}{patch}_224", mixer.MlpMixer, mean=INCEPTION_MEAN,
+               std=INCEPTION_STD, paper=paper, image_size=224,
+               **mixer.decode_variant(f"{size.upper()}/{patch}"))
+
+
 _register_vits()
+_register_mixers()
