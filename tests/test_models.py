@@ -168,9 +168,25 @@ def test_variant_decoding_matches_the_size_table():
   assert vit.decode_variant("L/14") == dict(width=1024, depth=24, mlp_dim=4096, num_heads=16, patch_size=14)
 
 
-def test_model_table_tool_lists_published_counts(capsys):
+def test_model_table_tool_lists_published_counts_and_macs(capsys):
   from vitjax.tools import model_table
-  model_table.main(["vit_base_patch16_*", "--markdown"])
+  rows = model_table.main(["vit_base_patch16_*", "--markdown"])
   printed = capsys.readouterr().out
-  assert "| `vit_base_patch16_224` | 86,567,656 | 224 |" in printed
+  assert "| `vit_base_patch16_224` | 86,567,656 | 224 | 17.56 |" in printed
   assert "vit_base_patch16_384" in printed and "deit" not in printed
+  # The papers' numbers, rounded as they round them: ViT-B/16 17.6, DeiT-S 4.6, Mixer-B/16 12.6.
+  assert round(rows[0]["gmacs"], 1) == 17.6
+  assert round(model_table.model_row("deit_small_patch16_224")["gmacs"], 1) == 4.6
+  assert round(model_table.model_row("mixer_b16_224")["gmacs"], 1) == 12.6
+  # XLA's cost analysis also counts element-wise work: a little over 2 FLOPs per MAC.
+  assert 2.0 < rows[0]["xla_gflops"] / rows[0]["gmacs"] < 2.2
+
+
+def test_mac_counter_counts_matmuls_and_convolutions():
+  from vitjax.tools import model_table
+  matmul = lambda a, b: a @ b
+  assert model_table.count_macs(matmul, jnp.ones((3, 4)), jnp.ones((4, 5))) == 60
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "VALID",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  # Output 1x3x3x8, each from a 2x2x4 window: 72 outputs x 16 MACs.
+  assert model_table.count_macs(conv, jnp.ones((1, 4, 4, 4)), jnp.ones((2, 2, 4, 8))) == 72 * 16

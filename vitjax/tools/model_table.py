@@ -1,41 +1,95 @@
-"""Prints the registered models with their parameter counts and input resolution.
+"""Prints the registered models with parameters, resolution and forward GMACs per image.
 
-    python -m vitjax.tools.model_table ['deit_*'] [--markdown]
+    python -m vitjax.tools.model_table ['deit_*'] [--resolution R] [--markdown] [--no_macs]
 
-Counts come from `jax.eval_shape` of `model.init`: nothing is computed or allocated.
+Parameters come from `jax.eval_shape` of `model.init` (nothing is allocated).
+MACs follow the papers' and timm's convention: one multiply-add of a matrix
+multiplication or convolution is one MAC; softmax, GELU, norms and additions
+are not counted. They are read off the traced forward pass (every dot_general
+and convolution, with its shapes) and cross-checked against XLA's cost
+analysis of the compiled program, whose FLOPs also include the element-wise work.
 """
 
 import argparse
+import math
+
+import jax
+import jax.numpy as jnp
 
 from vitjax import models
 
 
-def model_rows(pattern="*"):
-  """(name, params, resolution) for every registered model matching `pattern`."""
-  rows = []
-  for name in models.list_models(pattern):
-    if name in models._FAMILIES:  # pylint: disable=protected-access
-      continue  # A family needs a variant; its members are listed by name.
-    model = models.create_model(name)
-    rows.append((name, models.count_params(models.param_shapes(model)), model.image_size))
-  return rows
+def count_macs(fn, *args):
+  """Multiply-adds of the matrix multiplications and convolutions `fn(*args)` performs."""
+  return _jaxpr_macs(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _jaxpr_macs(jaxpr):
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+    elif name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval.shape
+      spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial) positions.
+      per_output = math.prod(rhs[d] for d in spec[1:])
+      total += math.prod(eqn.outvars[0].aval.shape) * per_output
+    repeat = eqn.params.get("length", 1) if name == "scan" else 1
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (tuple, list)) else (param,)):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          total += repeat * _jaxpr_macs(inner)
+  return total
+
+
+def model_row(name, resolution=None, macs=True):
+  """{'name', 'params', 'resolution', 'gmacs', 'xla_gflops'} of a registered model."""
+  overrides = {"image_size": resolution} if resolution else {}
+  model = models.create_model(name, **overrides)
+  params = models.param_shapes(model)
+  row = {"name": name, "params": models.count_params(params), "resolution": model.image_size}
+  if macs:
+    images = jax.ShapeDtypeStruct(models.dummy_input(model).shape, jnp.float32)
+    forward = lambda p, x: model.apply({"params": p}, x)[0]
+    row["gmacs"] = count_macs(forward, params, images) / 1e9
+    cost = jax.jit(forward).lower(params, images).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    row["xla_gflops"] = float(cost.get("flops", float("nan"))) / 1e9 if cost else float("nan")
+  return row
+
+
+def model_rows(pattern="*", resolution=None, macs=True):
+  families = models._FAMILIES  # pylint: disable=protected-access
+  return [model_row(name, resolution, macs) for name in models.list_models(pattern)
+          if name not in families]  # A family needs a variant; its members are listed.
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'vit_*'")
+  parser.add_argument("--resolution", type=int, help="input side, instead of each model's own")
   parser.add_argument("--markdown", action="store_true", help="a Markdown table")
+  parser.add_argument("--no_macs", action="store_true", help="parameters only (instant)")
   args = parser.parse_args(argv)
-  rows = model_rows(args.pattern)
+  rows = model_rows(args.pattern, args.resolution, macs=not args.no_macs)
+  macs = not args.no_macs
   if args.markdown:
-    print("| model | params | resolution |\n|---|---:|---:|")
-    for name, params, resolution in rows:
-      print(f"| `{name}` | {params:,} | {resolution} |")
-  else:
-    width = max((len(r[0]) for r in rows), default=5)
-    print(f"{'model':<{width}}  {'params':>13}  resolution")
-    for name, params, resolution in rows:
-      print(f"{name:<{width}}  {params:>13,}  {resolution:>10}")
+    print("| model | params | resolution |" + (" GMACs | XLA GFLOPs |" if macs else ""))
+    print("|---|---:|---:|" + ("---:|---:|" if macs else ""))
+    for r in rows:
+      extra = f" {r['gmacs']:.2f} | {r['xla_gflops']:.2f} |" if macs else ""
+      print(f"| `{r['name']}` | {r['params']:,} | {r['resolution']} |{extra}")
+    return rows
+  width = max((len(r["name"]) for r in rows), default=5)
+  print(f"{'model':<{width}}  {'params':>13}  resolution" + ("     GMACs  XLA GFLOPs" if macs else ""))
+  for r in rows:
+    extra = f"  {r['gmacs']:>8.2f}  {r['xla_gflops']:>10.2f}" if macs else ""
+    print(f"{r['name']:<{width}}  {r['params']:>13,}  {r['resolution']:>10}{extra}")
+  return rows
 
 
 if __name__ == "__main__":
