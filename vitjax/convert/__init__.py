@@ -4,13 +4,16 @@
     params = load_weights(model, 'deit.pth', head='reinit')     # new classes: a fresh head
     save_weights(params, 'vit.npz')                             # big_vision layout
     save_weights(params, 'model.safetensors', format='hf')      # loads in transformers
+    params = scan_params(params, depth=12)                      # stacked: scan_layers=True
+    params = unscan_params(params)                              # one entry per block again
 
 Files are recognised by their contents and never unpickled.
 """
 
+from vitjax.convert.big_vision import scan_params, unscan_params
 from vitjax.convert.checkpoint import (CheckpointMismatchError, hf_config, load_weights,
                                        save_weights)
 from vitjax.convert.files import CheckpointError
 
 __all__ = ["CheckpointError", "CheckpointMismatchError", "hf_config", "load_weights",
-           "save_weights"]
+           "save_weights", "scan_params", "unscan_params"]

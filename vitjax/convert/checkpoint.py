@@ -3,6 +3,9 @@
 Loading is: read the file's arrays -> tell the layout from the names inside ->
 rename to vitjax names -> fit the position embeddings to the model's grid ->
 compare with the model's parameter shapes (jax.eval_shape, nothing computed).
+Blocks are matched one by one ('Transformer/encoderblock_{i}/...') and stacked
+at the end for a `scan_layers=True` model, so a checkpoint of either block
+layout loads into a model of either.
 """
 
 import math
@@ -46,6 +49,8 @@ def load_weights(model, path, *, head="error", rng=0):
     The params tree (nested dicts of NumPy arrays in the model's param_dtype),
     ready for `model.apply({'params': params}, images)` or `jax.device_put`.
     Position embeddings made for another resolution are resized to the model's.
+    The blocks are laid out as the model has them: stacked under
+    'Transformer/encoderblock' for `scan_layers=True`, else one per block.
 
   Raises:
     FileNotFoundError: no file at `path`.
@@ -58,24 +63,35 @@ def load_weights(model, path, *, head="error", rng=0):
   arrays, container = files.read_arrays(path)
   layout, params = _to_vitjax_names(arrays, model, path, container)
   template = traverse_util.flatten_dict(param_shapes(model), sep="/")
+  scanned = big_vision.is_scanned(template)
+  if scanned:  # Compared block by block, as the checkpoint was unstacked.
+    template = big_vision.unstack_blocks(
+        template, take=lambda t, i: jax.ShapeDtypeStruct(t.shape[1:], t.dtype))
   params = _fit_posemb(params, model, template)
   if head == "reinit":
     params = _reinit_head(params, model, template, rng)
   message = _mismatch_message(params, template, f"The {layout} checkpoint {path}")
   if message:
+    if scanned:
+      message += ("\nThe model has scan_layers=True: its stacked 'Transformer/encoderblock/...' "
+                  "parameters are listed here block by block, as 'encoderblock_{i}'.")
     raise CheckpointMismatchError(message)
   # np.array copies: the arrays may be read-only views of a memory-mapped file.
-  return traverse_util.unflatten_dict(
-      {name: np.array(params[name], dtype=t.dtype) for name, t in template.items()}, sep="/")
+  params = {name: np.array(params[name], dtype=t.dtype) for name, t in template.items()}
+  if scanned:
+    params = big_vision.stack_blocks(params)
+  return traverse_util.unflatten_dict(params, sep="/")
 
 
 def save_weights(params, path, *, format="big_vision"):  # pylint: disable=redefined-builtin
   """Writes `params` to `path`, atomically.
 
   format='big_vision' (default): an .npz with '/'-joined names, which
-  `load_weights` (and big_vision) read back exactly. format='timm' or 'hf': a
-  .safetensors state dict for timm or Hugging Face transformers (hub names,
-  so every transformers version reads it; see `hf_config` for the config).
+  `load_weights` (and big_vision) read back exactly, in the params' own block
+  layout (stacked 'Transformer/encoderblock/...' from a `scan_layers=True` model,
+  as big_vision's scan=True writes). format='timm' or 'hf': a .safetensors state
+  dict for timm or Hugging Face transformers (hub names, so every transformers
+  version reads it; see `hf_config` for the config), one entry per block.
   """
   if format not in ("big_vision", "timm", "hf"):
     raise ValueError(f"format={format!r}: use 'big_vision', 'timm' or 'hf'.")
@@ -92,6 +108,7 @@ def save_weights(params, path, *, format="big_vision"):  # pylint: disable=redef
     return
   if suffix in ("npz", "pth", "pt", "bin"):
     raise ValueError(f"{path}: format={format!r} writes .safetensors, not .{suffix}.")
+  flat = big_vision.unstack_blocks(flat)  # PyTorch models number their blocks.
   state_dict = _to_timm(flat) if format == "timm" else _to_hf(flat)
   files.write_safetensors(state_dict, path, metadata={"format": "pt"})
 

@@ -43,16 +43,17 @@ class MlpBlock(nn.Module):
 
 class DropPath(nn.Module):
   """Stochastic depth: drops the whole residual branch per example while training."""
-  rate: float = 0.0
+  rate: float = 0.0  # Or a scalar array: each layer's rate under nn.scan is a traced value.
 
   @nn.compact
   def __call__(self, x, deterministic=True):
-    if deterministic or self.rate == 0.0:
+    if deterministic or (not isinstance(self.rate, jax.Array) and self.rate == 0.0):
       return x
     keep = 1.0 - self.rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     keep_mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
-    return jnp.where(keep_mask, x / keep, jnp.zeros_like(x))
+    # astype: an array rate is float32, which would promote bfloat16 activations.
+    return jnp.where(keep_mask, (x / keep).astype(x.dtype), jnp.zeros_like(x))
 
 
 class MAPHead(nn.Module):

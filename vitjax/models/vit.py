@@ -3,11 +3,18 @@
 Parameter names follow big_vision, so its published .npz checkpoints load as
 they are. Position embeddings cover the prefix tokens too (timm / DeiT / AugReg
 layout), which makes the parameter counts equal the published ones.
+
+Memory switches: `remat_policy` recomputes each block's activations in the
+backward pass instead of storing them, and `scan_layers=True` runs the blocks
+with `nn.scan` (one compiled block, parameters stacked along a leading `layers`
+axis: big_vision's `scan=True` layout; vitjax.convert.scan_params/unscan_params
+convert between the two layouts, and load_weights reads either into either).
 """
 
 from typing import Any, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from vitjax.models import posemb as posemb_lib
@@ -58,7 +65,9 @@ class Encoder1DBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, deterministic=True):
+  def __call__(self, x, deterministic=True, drop_path=None):
+    # `drop_path` overrides the field: under nn.scan each layer's rate comes in as an array.
+    drop_path = self.drop_path if drop_path is None else drop_path
     norm = lambda name: layer_norm(name, self.layer_norm_eps, self.dtype, self.param_dtype)
     y = norm("LayerNorm_0")(x)
     y = MultiHeadDotProductAttention(
@@ -67,19 +76,48 @@ class Encoder1DBlock(nn.Module):
         param_dtype=self.param_dtype, name="MultiHeadDotProductAttention_0",
     )(y, deterministic=deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    x = x + DropPath(self.drop_path)(y, deterministic)
+    x = x + DropPath(drop_path)(y, deterministic)
 
     y = norm("LayerNorm_1")(x)
     y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout,
                  gelu_approximate=self.gelu_approximate, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="MlpBlock_0")(y, deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    x = x + DropPath(self.drop_path)(y, deterministic)
+    x = x + DropPath(drop_path)(y, deterministic)
     return constrain(x, "act_batch", "act_length", "act_embed")
 
 
+# remat_policy -> what the backward pass keeps of a block's forward pass (the rest is
+# recomputed): a jax.checkpoint_policies policy, or None for nothing but the block's input.
+# 'none' (not in the table) does not rematerialise.
+REMAT_POLICIES = {
+    "full": None,
+    **{name: getattr(jax.checkpoint_policies, name) for name in (
+        "nothing_saveable", "everything_saveable", "dots_saveable",
+        "dots_with_no_batch_dims_saveable", "checkpoint_dots",
+        "checkpoint_dots_with_no_batch_dims")},
+}
+
+
+def block_module(remat_policy="none", prevent_cse=True):
+  """Encoder1DBlock, wrapped in nn.remat with the named policy unless it is 'none'."""
+  if remat_policy == "none":
+    return Encoder1DBlock
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(f"Unknown remat_policy {remat_policy!r}; use one of: "
+                     f"{', '.join(['none', *REMAT_POLICIES])}.")
+  # static_argnums: `deterministic` (0 is self, 1 is x) picks Python branches inside.
+  return nn.remat(Encoder1DBlock, policy=REMAT_POLICIES[remat_policy],
+                  prevent_cse=prevent_cse, static_argnums=(2,))
+
+
 class Encoder(nn.Module):
-  """A stack of `depth` blocks and the final LayerNorm; stochastic depth rises linearly."""
+  """A stack of `depth` blocks and the final LayerNorm; stochastic depth rises linearly.
+
+  Returns `(x, out)`: `out['pre_norm']` is the last block's output and, without
+  scan, `out['blockNN']` each block's. With `scan_layers` the per-block outputs
+  are not kept (stacking them would cost the memory scan is there to save).
+  """
   depth: int
   mlp_dim: int
   num_heads: int
@@ -89,21 +127,36 @@ class Encoder(nn.Module):
   gelu_approximate: bool = False
   layer_norm_eps: float = 1e-6
   attention_impl: Optional[str] = None
+  scan_layers: bool = False  # One block under nn.scan: params 'encoderblock/...' (depth, ...).
+  remat_policy: str = "none"  # 'none', or a name in REMAT_POLICIES.
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, deterministic=True):
+    # prevent_cse keeps XLA from merging the recomputation back into the forward pass;
+    # scan's loop already does that, and the guard would cost speed there.
+    block = block_module(self.remat_policy, prevent_cse=not self.scan_layers)
+    config = dict(
+        mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
+        attention_dropout=self.attention_dropout, gelu_approximate=self.gelu_approximate,
+        layer_norm_eps=self.layer_norm_eps, attention_impl=self.attention_impl,
+        dtype=self.dtype, param_dtype=self.param_dtype)
+    drop_path = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
     out = {}
-    for i in range(self.depth):
-      drop_path = self.drop_path_rate * i / max(self.depth - 1, 1)
-      x = Encoder1DBlock(
-          mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
-          attention_dropout=self.attention_dropout, drop_path=drop_path,
-          gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps,
-          attention_impl=self.attention_impl, dtype=self.dtype,
-          param_dtype=self.param_dtype, name=f"encoderblock_{i}")(x, deterministic)
-      out[f"block{i:02d}"] = x
+    if self.scan_layers:
+      # Each layer's stochastic-depth rate is scanned in alongside its parameters.
+      rates = (jnp.asarray(drop_path, jnp.float32)
+               if self.drop_path_rate and not deterministic else None)
+      scanned = nn.scan(
+          lambda module, x, rate: (module(x, deterministic, rate), None),
+          variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scanned(block(name="encoderblock", **config), x, rates)
+    else:
+      for i, rate in enumerate(drop_path):
+        x = block(drop_path=rate, name=f"encoderblock_{i}", **config)(x, deterministic)
+        out[f"block{i:02d}"] = x
     out["pre_norm"] = x
     x = layer_norm("encoder_norm", self.layer_norm_eps, self.dtype, self.param_dtype)(x)
     return x, out
@@ -115,7 +168,8 @@ class VisionTransformer(nn.Module):
   `__call__(images, train=False)` takes NHWC images and returns `(logits, out)`.
   `out` holds `stem` (patch embeddings), `encoded` (all final tokens, normed),
   `tokens` (the final patch tokens), `pre_logits`, `logits`, and for distilled
-  models `logits_cls` and `logits_dist` (logits is their average).
+  models `logits_cls` and `logits_dist` (logits is their average). `encoder`
+  holds `pre_norm` and, unless `scan_layers`, each block's output `blockNN`.
   """
   num_classes: int = 1000  # 0: no head, logits are the pre-logits.
   image_size: int = 224  # Resolution the position embeddings are made for.
@@ -136,6 +190,11 @@ class VisionTransformer(nn.Module):
   layer_norm_eps: float = 1e-6
   in_channels: int = 3
   attention_impl: Optional[str] = None  # See vitjax.ops.dot_product_attention.
+  # Memory: recompute block activations in the backward pass ('none', 'full' or a
+  # jax.checkpoint_policies name, see REMAT_POLICIES), and/or run the blocks under
+  # nn.scan, their params stacked as big_vision's scan=True 'Transformer/encoderblock'.
+  remat_policy: str = "none"
+  scan_layers: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -150,6 +209,7 @@ class VisionTransformer(nn.Module):
       raise ValueError("A distilled (DeiT) model needs pool_type='token'.")
     if self.posemb not in ("learn", "sincos2d"):
       raise ValueError(f"Unknown posemb {self.posemb!r}; use 'learn' or 'sincos2d'.")
+    block_module(self.remat_policy)  # Raises for an unknown policy before any work.
 
   @nn.compact
   def __call__(self, images, train=False):
@@ -184,6 +244,7 @@ class VisionTransformer(nn.Module):
         dropout=self.dropout, attention_dropout=self.attention_dropout,
         drop_path_rate=self.drop_path_rate, gelu_approximate=self.gelu_approximate,
         layer_norm_eps=self.layer_norm_eps, attention_impl=self.attention_impl,
+        scan_layers=self.scan_layers, remat_policy=self.remat_policy,
         dtype=self.dtype, param_dtype=self.param_dtype, name="Transformer",
     )(x, deterministic)
     out["encoder"] = encoder_out
