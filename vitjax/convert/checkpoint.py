@@ -15,7 +15,7 @@ from flax import traverse_util
 import jax
 import numpy as np
 
-from vitjax.convert import big_vision, files, pytorch
+from vitjax.convert import big_vision, files, mixer, pytorch
 from vitjax.convert.files import CheckpointError
 from vitjax.models import dummy_input, param_shapes
 from vitjax.models.posemb import resize_posemb
@@ -168,6 +168,8 @@ def _detect_layout(arrays, path, container):
 
 
 def _to_vitjax_names(arrays, model, path, container):
+  if mixer.is_mixer(arrays):
+    return "MLP-Mixer", mixer.to_vitjax(arrays)
   layout, prefix = _detect_layout(arrays, path, container)
   if layout == "big_vision":
     # A wrapper ('params/', 'opt/target/', 'img/' of a two-tower model): only what is inside.
