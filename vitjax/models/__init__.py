@@ -139,6 +139,11 @@ def _register_vits():
                  mean=INCEPTION_MEAN, std=INCEPTION_STD,
                  paper="An Image is Worth 16x16 Words (Dosovitskiy et al., 2021)",
                  image_size=resolution, **vit.decode_variant(f"{size}/{patch}"))
+  registers_paper = "Vision Transformers Need Registers (Darcet et al., 2024)"
+  for size_name, size in (("tiny", "Ti"), ("small", "S"), ("base", "B"), ("large", "L")):
+    register(f"vit_{size_name}_patch16_reg4_224", vit.VisionTransformer, mean=INCEPTION_MEAN,
+             std=INCEPTION_STD, paper=registers_paper, image_size=224, num_registers=4,
+             **vit.decode_variant(f"{size}/16"))
   deit_paper = "Training data-efficient image transformers (Touvron et al., 2021)"
   for size_name, size, resolutions in (("tiny", "Ti", (224,)), ("small", "S", (224,)),
                                        ("base", "B", (224, 384))):

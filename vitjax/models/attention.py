@@ -22,6 +22,7 @@ class MultiHeadDotProductAttention(nn.Module):
   out_features: Optional[int] = None  # Defaults to the input width.
   dropout: float = 0.0  # On the attention weights; only the 'xla' implementation has them.
   use_bias: bool = True
+  qk_norm: bool = False  # ViT-22B: LayerNorm over head_dim on queries and keys.
   attention_impl: Optional[str] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -43,6 +44,13 @@ class MultiHeadDotProductAttention(nn.Module):
     q = projection("query", inputs_q)
     k = projection("key", inputs_kv)
     v = projection("value", inputs_kv)
+    if self.qk_norm:
+      # Keeps attention logits from growing without bound in large models (ViT-22B).
+      head_norm = lambda name: nn.LayerNorm(
+          epsilon=1e-6, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+          scale_init=logical(nn.initializers.ones, "kv"),
+          bias_init=logical(nn.initializers.zeros, "kv"), name=name)
+      q, k = head_norm("query_norm")(q), head_norm("key_norm")(k)
     if self.dropout > 0.0 and not deterministic:
       # Dropout on the attention weights needs them materialised: the unfused path.
       weights = ops.attention_weights(q, k, bias=bias, mask=mask, causal=causal)

@@ -13,10 +13,22 @@ from vitjax.models.partitioning import constrain, logical
 Dtype = Any
 
 
-def layer_norm(name, epsilon, dtype, param_dtype):
+def layer_norm(name, epsilon, dtype, param_dtype, use_bias=True, axis_name="embed"):
   return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
-                      scale_init=logical(nn.initializers.ones, "embed"),
-                      bias_init=logical(nn.initializers.zeros, "embed"))
+                      use_bias=use_bias, scale_init=logical(nn.initializers.ones, axis_name),
+                      bias_init=logical(nn.initializers.zeros, axis_name))
+
+
+class LayerScale(nn.Module):
+  """Per-channel learned scaling of a residual branch (CaiT, DINOv2), `scale` = init at start."""
+  init_value: float = 1e-5
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", logical(nn.initializers.constant(self.init_value), "embed"),
+                       (x.shape[-1],), self.param_dtype)
+    return x * scale.astype(x.dtype)
 
 
 class MlpBlock(nn.Module):
@@ -24,6 +36,7 @@ class MlpBlock(nn.Module):
   mlp_dim: Optional[int] = None  # Defaults to 4x the input width.
   dropout: float = 0.0
   gelu_approximate: bool = False  # timm/HF use the exact GELU; big_vision the tanh one.
+  use_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -32,6 +45,7 @@ class MlpBlock(nn.Module):
     width = x.shape[-1]
     dense = lambda features, name, axes: nn.Dense(
         features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        use_bias=self.use_bias,
         kernel_init=logical(nn.initializers.xavier_uniform(), *axes),
         bias_init=logical(nn.initializers.normal(stddev=1e-6), axes[1]))
     x = dense(self.mlp_dim or 4 * width, "Dense_0", ("embed", "mlp"))(x)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from vitjax.models import posemb as posemb_lib
 from vitjax.models.attention import MultiHeadDotProductAttention
-from vitjax.models.layers import DropPath, MAPHead, MlpBlock, layer_norm
+from vitjax.models.layers import DropPath, LayerScale, MAPHead, MlpBlock, layer_norm
 from vitjax.models.partitioning import constrain, logical
 
 Dtype = Any
@@ -52,7 +52,13 @@ def decode_variant(variant):
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+  Options: `layer_scale_init` scales each residual branch by a learned
+  per-channel vector (CaiT, DINOv2); `parallel` computes attention and MLP from
+  one norm of the same input and adds both (ViT-22B); `qk_norm` normalises
+  queries and keys; `use_bias=False` drops the biases of dense layers and norms.
+  """
   mlp_dim: int
   num_heads: int
   dropout: float = 0.0
@@ -60,6 +66,10 @@ class Encoder1DBlock(nn.Module):
   drop_path: float = 0.0
   gelu_approximate: bool = False
   layer_norm_eps: float = 1e-6
+  layer_scale_init: Optional[float] = None
+  parallel: bool = False
+  qk_norm: bool = False
+  use_bias: bool = True
   attention_impl: Optional[str] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -68,22 +78,31 @@ class Encoder1DBlock(nn.Module):
   def __call__(self, x, deterministic=True, drop_path=None):
     # `drop_path` overrides the field: under nn.scan each layer's rate comes in as an array.
     drop_path = self.drop_path if drop_path is None else drop_path
-    norm = lambda name: layer_norm(name, self.layer_norm_eps, self.dtype, self.param_dtype)
-    y = norm("LayerNorm_0")(x)
-    y = MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dropout=self.attention_dropout,
-        attention_impl=self.attention_impl, dtype=self.dtype,
+    norm = lambda name: layer_norm(name, self.layer_norm_eps, self.dtype, self.param_dtype,
+                                   use_bias=self.use_bias)
+
+    def residual(branch, index):
+      branch = nn.Dropout(rate=self.dropout)(branch, deterministic)
+      if self.layer_scale_init is not None:
+        branch = LayerScale(self.layer_scale_init, self.param_dtype,
+                            name=f"LayerScale_{index}")(branch)
+      return DropPath(drop_path)(branch, deterministic)
+
+    attention = lambda y: MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dropout=self.attention_dropout, use_bias=self.use_bias,
+        qk_norm=self.qk_norm, attention_impl=self.attention_impl, dtype=self.dtype,
         param_dtype=self.param_dtype, name="MultiHeadDotProductAttention_0",
     )(y, deterministic=deterministic)
-    y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    x = x + DropPath(drop_path)(y, deterministic)
-
-    y = norm("LayerNorm_1")(x)
-    y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout,
-                 gelu_approximate=self.gelu_approximate, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="MlpBlock_0")(y, deterministic)
-    y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    x = x + DropPath(drop_path)(y, deterministic)
+    mlp = lambda y: MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout,
+                             gelu_approximate=self.gelu_approximate, use_bias=self.use_bias,
+                             dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="MlpBlock_0")(y, deterministic)
+    if self.parallel:
+      y = norm("LayerNorm_0")(x)
+      x = x + residual(attention(y), 0) + residual(mlp(y), 1)
+    else:
+      x = x + residual(attention(norm("LayerNorm_0")(x)), 0)
+      x = x + residual(mlp(norm("LayerNorm_1")(x)), 1)
     return constrain(x, "act_batch", "act_length", "act_embed")
 
 
@@ -126,6 +145,10 @@ class Encoder(nn.Module):
   drop_path_rate: float = 0.0
   gelu_approximate: bool = False
   layer_norm_eps: float = 1e-6
+  layer_scale_init: Optional[float] = None
+  parallel_block: bool = False
+  qk_norm: bool = False
+  use_bias: bool = True
   attention_impl: Optional[str] = None
   scan_layers: bool = False  # One block under nn.scan: params 'encoderblock/...' (depth, ...).
   remat_policy: str = "none"  # 'none', or a name in REMAT_POLICIES.
@@ -141,6 +164,8 @@ class Encoder(nn.Module):
         mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
         attention_dropout=self.attention_dropout, gelu_approximate=self.gelu_approximate,
         layer_norm_eps=self.layer_norm_eps, attention_impl=self.attention_impl,
+        layer_scale_init=self.layer_scale_init, parallel=self.parallel_block,
+        qk_norm=self.qk_norm, use_bias=self.use_bias,
         dtype=self.dtype, param_dtype=self.param_dtype)
     drop_path = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
     out = {}
@@ -158,7 +183,8 @@ class Encoder(nn.Module):
         x = block(drop_path=rate, name=f"encoderblock_{i}", **config)(x, deterministic)
         out[f"block{i:02d}"] = x
     out["pre_norm"] = x
-    x = layer_norm("encoder_norm", self.layer_norm_eps, self.dtype, self.param_dtype)(x)
+    x = layer_norm("encoder_norm", self.layer_norm_eps, self.dtype, self.param_dtype,
+                   use_bias=self.use_bias)(x)
     return x, out
 
 
@@ -195,6 +221,15 @@ class VisionTransformer(nn.Module):
   # nn.scan, their params stacked as big_vision's scan=True 'Transformer/encoderblock'.
   remat_policy: str = "none"
   scan_layers: bool = False
+  # "Vision Transformers Need Registers": extra learned tokens, without position
+  # embedding, that the model may use as scratch space; dropped before pooling.
+  num_registers: int = 0
+  # Block options (see Encoder1DBlock): LayerScale (CaiT, DINOv2), and ViT-22B's
+  # parallel attention + MLP, QK-LayerNorm and bias-free dense layers and norms.
+  layer_scale_init: Optional[float] = None
+  parallel_block: bool = False
+  qk_norm: bool = False
+  use_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -236,6 +271,13 @@ class VisionTransformer(nn.Module):
       x = jnp.concatenate([jnp.tile(prefix, [batch, 1, 1]), x], axis=1)
 
     x = x + self._position_embedding(grid_h, grid_w, width).astype(self.dtype)
+    if self.num_registers:
+      registers = self.param("reg", logical(nn.initializers.normal(stddev=0.02), None, None,
+                                            "embed"),
+                             (1, self.num_registers, width), self.param_dtype)
+      registers = jnp.tile(registers.astype(self.dtype), [batch, 1, 1])
+      prefix_length = self.num_prefix_tokens
+      x = jnp.concatenate([x[:, :prefix_length], registers, x[:, prefix_length:]], axis=1)
     x = constrain(x, "act_batch", "act_length", "act_embed")
     x = nn.Dropout(rate=self.dropout)(x, deterministic)
 
@@ -245,16 +287,20 @@ class VisionTransformer(nn.Module):
         drop_path_rate=self.drop_path_rate, gelu_approximate=self.gelu_approximate,
         layer_norm_eps=self.layer_norm_eps, attention_impl=self.attention_impl,
         scan_layers=self.scan_layers, remat_policy=self.remat_policy,
+        layer_scale_init=self.layer_scale_init, parallel_block=self.parallel_block,
+        qk_norm=self.qk_norm, use_bias=self.use_bias,
         dtype=self.dtype, param_dtype=self.param_dtype, name="Transformer",
     )(x, deterministic)
     out["encoder"] = encoder_out
     out["encoded"] = x
-    out["tokens"] = x[:, self.num_prefix_tokens:]
+    first_patch = self.num_prefix_tokens + self.num_registers
+    out["registers"] = x[:, self.num_prefix_tokens:first_patch]
+    out["tokens"] = x[:, first_patch:]
 
     if self.pool_type == "token":
       x = x[:, 0]
     elif self.pool_type == "gap":
-      x = jnp.mean(x, axis=1)
+      x = jnp.mean(out["tokens"], axis=1)  # Patch tokens only, not registers.
     elif self.pool_type == "map":
       x = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                   gelu_approximate=self.gelu_approximate,
