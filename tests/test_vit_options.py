@@ -96,3 +96,58 @@ def test_register_names_are_registered():
   model = vitjax.create_model("vit_small_patch16_reg4_224")
   assert model.num_registers == 4 and model.width == 384
   assert "vit_base_patch16_reg4_224" in vitjax.list_models("*reg4*")
+
+
+def numpy_rope(x, positions, frequencies):
+  """Rotates pairs (x[2i], x[2i+1]) by angle position . frequency_i, in float64."""
+  angles = np.asarray(positions, np.float64) @ np.asarray(frequencies, np.float64).T  # (t, pairs)
+  even, odd = x[..., 0::2], x[..., 1::2]
+  cos, sin = np.cos(angles)[None, :, None], np.sin(angles)[None, :, None]
+  out = np.empty_like(x)
+  out[..., 0::2], out[..., 1::2] = even * cos - odd * sin, even * sin + odd * cos
+  return out
+
+
+def test_rope_rotation_matches_numpy_and_skips_unpositioned_tokens():
+  from vitjax.models import posemb
+  x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (2, 1 + 6, 3, 16)), np.float64)
+  positions, rotated = posemb.patch_positions(2, 3, num_prefix_tokens=1)
+  frequencies = posemb.rope_axial_frequencies(16)
+  got = posemb.apply_rope(jnp.asarray(x, jnp.float32), posemb.rope_angles(positions, frequencies),
+                          rotated)
+  np.testing.assert_allclose(got[:, 0], x[:, 0], rtol=1e-6)  # The class token is not rotated.
+  np.testing.assert_allclose(got[:, 1:], numpy_rope(x[:, 1:], positions[1:], frequencies),
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["axial", "mixed"])
+def test_rope_scores_depend_on_relative_positions_only(variant):
+  from vitjax.models import posemb
+  frequencies = (posemb.rope_axial_frequencies(16) if variant == "axial"
+                 else posemb.rope_mixed_init(jax.random.PRNGKey(0), 1, 16)[0])
+  q, k = jax.random.normal(jax.random.PRNGKey(1), (2, 1, 1, 1, 16))
+
+  def score(q_position, k_position):
+    rotate = lambda v, p: posemb.apply_rope(
+        v, posemb.rope_angles(jnp.asarray([p], jnp.float32), frequencies), jnp.ones(1, bool))
+    return float(jnp.sum(rotate(q, q_position) * rotate(k, k_position)))
+
+  assert score((3.0, 1.0), (5.0, 4.0)) == pytest.approx(score((0.0, 0.0), (2.0, 3.0)), abs=1e-4)
+  assert score((3.0, 1.0), (5.0, 4.0)) != pytest.approx(score((0.0, 0.0), (3.0, 2.0)), abs=1e-3)
+
+
+@pytest.mark.parametrize("rope,scan", [("axial", False), ("mixed", True)])
+def test_rope_vit_runs_at_other_resolutions_and_learns_mixed_frequencies(rope, scan):
+  model = vitjax.create_model("vit", variant="Ti/8", depth=2, image_size=32, num_classes=3,
+                              rope=rope, posemb="none", scan_layers=scan, head_zeroinit=False)
+  params = vitjax.init_params(model)
+  assert "pos_embedding" not in params
+  for side in (32, 48):
+    logits, _ = model.apply({"params": params}, jnp.ones((1, side, side, 3)))
+    assert logits.shape == (1, 3)
+  if rope == "mixed":
+    images = jax.random.normal(jax.random.PRNGKey(2), (2, 32, 32, 3))
+    grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, images)[0] ** 2))(params)
+    attention = grads["Transformer"]["encoderblock"]["MultiHeadDotProductAttention_0"]
+    assert attention["rope_frequencies"].shape == (2, 3, 32, 2)  # (layers, heads, pairs, x/y)
+    assert float(jnp.abs(attention["rope_frequencies"]).sum()) > 0

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vitjax import ops
+from vitjax.models import posemb
 from vitjax.models.partitioning import constrain, logical
 
 Dtype = Any
@@ -23,13 +24,16 @@ class MultiHeadDotProductAttention(nn.Module):
   dropout: float = 0.0  # On the attention weights; only the 'xla' implementation has them.
   use_bias: bool = True
   qk_norm: bool = False  # ViT-22B: LayerNorm over head_dim on queries and keys.
+  rope: Optional[str] = None  # 2-D rotary embeddings of q and k: 'axial' or 'mixed'.
+  rope_theta: float = 100.0
   attention_impl: Optional[str] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv=None, *, bias=None, mask=None,
-               causal=False, deterministic=True):
+               causal=False, deterministic=True, positions=None):
+    """`positions`: ((tokens, 2) x/y positions, (tokens,) rotated) when `rope` is set."""
     if inputs_kv is None:
       inputs_kv = inputs_q
     qkv_features = self.qkv_features or inputs_q.shape[-1]
@@ -51,6 +55,8 @@ class MultiHeadDotProductAttention(nn.Module):
           scale_init=logical(nn.initializers.ones, "kv"),
           bias_init=logical(nn.initializers.zeros, "kv"), name=name)
       q, k = head_norm("query_norm")(q), head_norm("key_norm")(k)
+    if self.rope:
+      q, k = self._rotate(q, k, positions, head_dim)
     if self.dropout > 0.0 and not deterministic:
       # Dropout on the attention weights needs them materialised: the unfused path.
       weights = ops.attention_weights(q, k, bias=bias, mask=mask, causal=causal)
@@ -61,6 +67,22 @@ class MultiHeadDotProductAttention(nn.Module):
                                     implementation=self.attention_impl)
     return OutProjection(self.out_features or inputs_q.shape[-1], use_bias=self.use_bias,
                          dtype=self.dtype, param_dtype=self.param_dtype, name="out")(x)
+
+  def _rotate(self, q, k, positions, head_dim):
+    if positions is None:
+      raise ValueError("rope is set but no token positions were passed to the attention.")
+    xy, rotated = positions
+    if self.rope == "axial":
+      frequencies = jnp.asarray(posemb.rope_axial_frequencies(head_dim, self.rope_theta))
+    elif self.rope == "mixed":  # Learned per head and per layer.
+      frequencies = self.param(
+          "rope_frequencies", logical(lambda rng, *_: posemb.rope_mixed_init(
+              rng, self.num_heads, head_dim), "heads", None, None),
+          (self.num_heads, head_dim // 2, 2), jnp.float32)
+    else:
+      raise ValueError(f"Unknown rope {self.rope!r}; use 'axial' or 'mixed'.")
+    angles = posemb.rope_angles(xy, frequencies)
+    return posemb.apply_rope(q, angles, rotated), posemb.apply_rope(k, angles, rotated)
 
 
 class HeadProjection(nn.Module):

@@ -38,3 +38,69 @@ def resize_posemb(posemb, new_grid, num_prefix_tokens=0):
                           antialias=False)
   grid = grid.reshape(1, new_h * new_w, -1).astype(posemb.dtype)
   return jnp.concatenate([prefix, grid], axis=1)
+
+
+# 2-D rotary position embeddings ("Rotary Position Embedding for Vision Transformer",
+# Heo et al. 2024). Queries and keys are rotated pairwise by angles that grow with
+# the token's (x, y) position, so q.k depends on relative positions only, and any
+# grid size works: a model trained at one resolution runs at another.
+
+
+def patch_positions(grid_h, grid_w, num_prefix_tokens=0, num_registers=0):
+  """(tokens, 2) float (x, y) positions and (tokens,) True where a token is rotated.
+
+  The token order is the ViT's: prefix tokens, registers, then the patches row by
+  row; prefix tokens and registers have no position and are not rotated.
+  """
+  y, x = np.mgrid[:grid_h, :grid_w]
+  grid = np.stack([x.ravel(), y.ravel()], axis=-1).astype(np.float32)
+  extra = num_prefix_tokens + num_registers
+  positions = np.concatenate([np.zeros((extra, 2), np.float32), grid])
+  rotated = np.concatenate([np.zeros(extra, bool), np.ones(len(grid), bool)])
+  return jnp.asarray(positions), jnp.asarray(rotated)
+
+
+def rope_axial_frequencies(head_dim, theta=100.0):
+  """(head_dim // 2, 2) frequencies: the first half of the pairs turn with x, the rest with y."""
+  if head_dim % 4:
+    raise ValueError(f"Axial 2-D RoPE needs head_dim divisible by 4, got {head_dim}.")
+  quarter = head_dim // 4
+  frequencies = 1.0 / theta ** (np.arange(quarter) / quarter)
+  zeros = np.zeros(quarter)
+  return np.concatenate([np.stack([frequencies, zeros], -1), np.stack([zeros, frequencies], -1)])
+
+
+def rope_mixed_init(rng, num_heads, head_dim, theta=10.0):
+  """(heads, head_dim // 2, 2) learnable frequencies, each head's turned by a random angle.
+
+  Half of a head's pairs turn along a random direction, the other half along the
+  perpendicular one, with the magnitudes of the axial variant.
+  """
+  magnitudes = 1.0 / theta ** (jnp.arange(head_dim // 4) / (head_dim // 4))
+  angles = jax.random.uniform(rng, (num_heads, 1, 1), maxval=2 * jnp.pi)
+  direction = lambda a: jnp.concatenate([jnp.cos(a), jnp.sin(a)], axis=-1)  # (heads, 1, 2)
+  first = magnitudes[None, :, None] * direction(angles)
+  second = magnitudes[None, :, None] * direction(angles + jnp.pi / 2)
+  return jnp.concatenate([first, second], axis=1).astype(jnp.float32)
+
+
+def rope_angles(positions, frequencies):
+  """Angles (..., tokens, head_dim // 2) for (tokens, 2) positions and (..., pairs, 2) frequencies."""
+  return jnp.einsum("tc,...pc->...tp", positions, frequencies)
+
+
+def apply_rope(x, angles, rotated):
+  """Rotates consecutive pairs of x's (batch, tokens, heads, head_dim) by `angles`.
+
+  `angles` is (tokens, head_dim // 2) or per head (heads, tokens, head_dim // 2);
+  tokens where `rotated` is False are left as they are.
+  """
+  if angles.ndim == 3:
+    angles = jnp.swapaxes(angles, 0, 1)  # (tokens, heads, pairs)
+  else:
+    angles = angles[:, None, :]
+  angles = jnp.where(rotated[:, None, None], angles, 0.0)
+  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+  even, odd = x[..., 0::2], x[..., 1::2]
+  rotated_pairs = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+  return rotated_pairs.reshape(x.shape)

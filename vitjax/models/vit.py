@@ -70,12 +70,13 @@ class Encoder1DBlock(nn.Module):
   parallel: bool = False
   qk_norm: bool = False
   use_bias: bool = True
+  rope: Optional[str] = None
   attention_impl: Optional[str] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, deterministic=True, drop_path=None):
+  def __call__(self, x, deterministic=True, drop_path=None, positions=None):
     # `drop_path` overrides the field: under nn.scan each layer's rate comes in as an array.
     drop_path = self.drop_path if drop_path is None else drop_path
     norm = lambda name: layer_norm(name, self.layer_norm_eps, self.dtype, self.param_dtype,
@@ -90,9 +91,9 @@ class Encoder1DBlock(nn.Module):
 
     attention = lambda y: MultiHeadDotProductAttention(
         num_heads=self.num_heads, dropout=self.attention_dropout, use_bias=self.use_bias,
-        qk_norm=self.qk_norm, attention_impl=self.attention_impl, dtype=self.dtype,
-        param_dtype=self.param_dtype, name="MultiHeadDotProductAttention_0",
-    )(y, deterministic=deterministic)
+        qk_norm=self.qk_norm, rope=self.rope, attention_impl=self.attention_impl,
+        dtype=self.dtype, param_dtype=self.param_dtype, name="MultiHeadDotProductAttention_0",
+    )(y, deterministic=deterministic, positions=positions)
     mlp = lambda y: MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout,
                              gelu_approximate=self.gelu_approximate, use_bias=self.use_bias,
                              dtype=self.dtype, param_dtype=self.param_dtype,
@@ -149,6 +150,7 @@ class Encoder(nn.Module):
   parallel_block: bool = False
   qk_norm: bool = False
   use_bias: bool = True
+  rope: Optional[str] = None
   attention_impl: Optional[str] = None
   scan_layers: bool = False  # One block under nn.scan: params 'encoderblock/...' (depth, ...).
   remat_policy: str = "none"  # 'none', or a name in REMAT_POLICIES.
@@ -156,7 +158,7 @@ class Encoder(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, deterministic=True):
+  def __call__(self, x, deterministic=True, positions=None):
     # prevent_cse keeps XLA from merging the recomputation back into the forward pass;
     # scan's loop already does that, and the guard would cost speed there.
     block = block_module(self.remat_policy, prevent_cse=not self.scan_layers)
@@ -165,7 +167,7 @@ class Encoder(nn.Module):
         attention_dropout=self.attention_dropout, gelu_approximate=self.gelu_approximate,
         layer_norm_eps=self.layer_norm_eps, attention_impl=self.attention_impl,
         layer_scale_init=self.layer_scale_init, parallel=self.parallel_block,
-        qk_norm=self.qk_norm, use_bias=self.use_bias,
+        qk_norm=self.qk_norm, use_bias=self.use_bias, rope=self.rope,
         dtype=self.dtype, param_dtype=self.param_dtype)
     drop_path = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
     out = {}
@@ -174,13 +176,15 @@ class Encoder(nn.Module):
       rates = (jnp.asarray(drop_path, jnp.float32)
                if self.drop_path_rate and not deterministic else None)
       scanned = nn.scan(
-          lambda module, x, rate: (module(x, deterministic, rate), None),
+          lambda module, x, rate, positions: (module(x, deterministic, rate, positions), None),
           variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-          length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(block(name="encoderblock", **config), x, rates)
+          in_axes=(0, nn.broadcast), length=self.depth,
+          metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scanned(block(name="encoderblock", **config), x, rates, positions)
     else:
       for i, rate in enumerate(drop_path):
-        x = block(drop_path=rate, name=f"encoderblock_{i}", **config)(x, deterministic)
+        x = block(drop_path=rate, name=f"encoderblock_{i}", **config)(
+            x, deterministic, None, positions)
         out[f"block{i:02d}"] = x
     out["pre_norm"] = x
     x = layer_norm("encoder_norm", self.layer_norm_eps, self.dtype, self.param_dtype,
@@ -230,6 +234,10 @@ class VisionTransformer(nn.Module):
   parallel_block: bool = False
   qk_norm: bool = False
   use_bias: bool = True
+  # 2-D rotary embeddings of queries and keys in every block ("Rotary Position
+  # Embedding for Vision Transformer"): 'axial' (fixed frequencies) or 'mixed'
+  # (learned per head and layer). Combine with posemb='none' for RoPE alone.
+  rope: Optional[str] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -242,8 +250,10 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"Unknown pool_type {self.pool_type!r}; use 'token', 'gap', 'map' or 'none'.")
     if self.distilled and self.pool_type != "token":
       raise ValueError("A distilled (DeiT) model needs pool_type='token'.")
-    if self.posemb not in ("learn", "sincos2d"):
-      raise ValueError(f"Unknown posemb {self.posemb!r}; use 'learn' or 'sincos2d'.")
+    if self.posemb not in ("learn", "sincos2d", "none"):
+      raise ValueError(f"Unknown posemb {self.posemb!r}; use 'learn', 'sincos2d' or 'none'.")
+    if self.rope not in (None, "axial", "mixed"):
+      raise ValueError(f"Unknown rope {self.rope!r}; use 'axial', 'mixed' or None.")
     block_module(self.remat_policy)  # Raises for an unknown policy before any work.
 
   @nn.compact
@@ -280,6 +290,8 @@ class VisionTransformer(nn.Module):
       x = jnp.concatenate([x[:, :prefix_length], registers, x[:, prefix_length:]], axis=1)
     x = constrain(x, "act_batch", "act_length", "act_embed")
     x = nn.Dropout(rate=self.dropout)(x, deterministic)
+    positions = (posemb_lib.patch_positions(grid_h, grid_w, self.num_prefix_tokens,
+                                            self.num_registers) if self.rope else None)
 
     x, encoder_out = Encoder(
         depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
@@ -288,9 +300,9 @@ class VisionTransformer(nn.Module):
         layer_norm_eps=self.layer_norm_eps, attention_impl=self.attention_impl,
         scan_layers=self.scan_layers, remat_policy=self.remat_policy,
         layer_scale_init=self.layer_scale_init, parallel_block=self.parallel_block,
-        qk_norm=self.qk_norm, use_bias=self.use_bias,
+        qk_norm=self.qk_norm, use_bias=self.use_bias, rope=self.rope,
         dtype=self.dtype, param_dtype=self.param_dtype, name="Transformer",
-    )(x, deterministic)
+    )(x, deterministic, positions)
     out["encoder"] = encoder_out
     out["encoded"] = x
     first_patch = self.num_prefix_tokens + self.num_registers
@@ -329,6 +341,8 @@ class VisionTransformer(nn.Module):
   def _position_embedding(self, grid_h, grid_w, width):
     """(1, prefix + grid_h * grid_w, width), resized when the input is not `image_size`."""
     num_prefix = self.num_prefix_tokens
+    if self.posemb == "none":  # Position only through RoPE, or none at all.
+      return jnp.zeros((1, 1, width), self.dtype)
     if self.posemb == "sincos2d":
       grid = posemb_lib.sincos_2d(grid_h, grid_w, width)
       return jnp.pad(grid, ((0, 0), (num_prefix, 0), (0, 0)))
