@@ -15,9 +15,10 @@ from flax import traverse_util
 import jax
 import numpy as np
 
-from vitjax.convert import big_vision, files, mixer, pytorch
+from vitjax.convert import big_vision, files, mixer, pytorch, swin
 from vitjax.convert.files import CheckpointError
 from vitjax.models import dummy_input, param_shapes
+from vitjax.models.swin import SwinTransformer
 from vitjax.models.posemb import resize_posemb
 
 HEAD_NAMES = ("head", "head_dist", "pre_logits")
@@ -60,6 +61,8 @@ def load_weights(model, path, *, head="error", rng=0):
   """
   if head not in ("error", "reinit"):
     raise ValueError(f"head={head!r}: use 'error' or 'reinit'.")
+  if isinstance(model, SwinTransformer):  # Its own names and stages: vitjax.convert.swin.
+    return swin.load_swin_weights(model, path, head=head, rng=rng)
   arrays, container = files.read_arrays(path)
   layout, params = _to_vitjax_names(arrays, model, path, container)
   template = traverse_util.flatten_dict(param_shapes(model), sep="/")
@@ -168,6 +171,9 @@ def _detect_layout(arrays, path, container):
 
 
 def _to_vitjax_names(arrays, model, path, container):
+  if swin.is_swin(arrays):
+    raise CheckpointError(f"{path} holds a Swin Transformer; load it into a Swin model, e.g. "
+                          "vitjax.create_model('swin_tiny_patch4_window7_224').")
   if mixer.is_mixer(arrays):
     return "MLP-Mixer", mixer.to_vitjax(arrays)
   layout, prefix = _detect_layout(arrays, path, container)

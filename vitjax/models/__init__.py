@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from vitjax.models import mixer
+from vitjax.models import swin
 from vitjax.models import vit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -166,3 +167,4 @@ def _register_mixers():
 
 _register_vits()
 _register_mixers()
+swin.register_swins(register, mean=IMAGENET_MEAN, std=IMAGENET_STD)
