@@ -1,0 +1,112 @@
+"""The throughput benchmark runs on a CPU, counts FLOPs right and compares with PyTorch."""
+
+import contextlib
+import importlib.util
+import io
+import json
+
+import pytest
+
+from vitjax.tools import benchmark
+
+# The toy ViT (4 blocks of width 64) at 32 pixels, 4 patches and a class token: compiling and
+# timing it take seconds.
+TINY = ["--model", "vit", "--variant", "mu/16", "--image_size", "32", "--batch", "2",
+        "--steps", "2", "--warmup", "1"]
+HAVE_TRANSFORMERS = bool(importlib.util.find_spec("torch")
+                         and importlib.util.find_spec("transformers"))
+
+
+@pytest.fixture(scope="module", name="runs")
+def fixture_runs(tmp_path_factory):
+  """mode -> (result, printed output, JSON path): inference alone, training beside PyTorch."""
+  runs = {}
+  for mode, extra in (("infer", ["--compare", "none"]),
+                      ("train", ["--compare", "transformers" if HAVE_TRANSFORMERS else "none",
+                                 "--peak_tflops", "1", "--markdown"])):
+    path = tmp_path_factory.mktemp(mode) / "result.json"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      result = benchmark.main(TINY + ["--mode", mode, "--json", str(path)] + extra)
+    runs[mode] = result, out.getvalue(), path
+  return runs
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_images_per_second_and_tflops_agree_with_the_step_time(mode, runs):
+  result, _, path = runs[mode]
+  assert result["mode"] == mode and result["batch"] == 2 and result["image_size"] == 32
+  assert result["dtype"] == "float32"  # The CPU default.
+  assert len(result["step_times_s"]) == 2 and result["ms_per_step"] > 0
+  assert result["images_per_s"] == pytest.approx(2 / (result["ms_per_step"] * 1e-3))
+  assert result["flops"] > 0
+  assert result["tflops"] == pytest.approx(result["flops"] / (result["ms_per_step"] * 1e-3) / 1e12)
+  assert result["peak_memory_bytes"] > 0 and "memory analysis" in result["peak_memory_source"]
+  assert json.loads(path.read_text())["images_per_s"] == result["images_per_s"]
+
+
+def test_without_pytorch_and_without_a_known_peak(runs):
+  result, out, _ = runs["infer"]
+  assert result["torch"] is None and result["ratio"] is None
+  assert result["mfu"] is None and result["peak_tflops"] is None  # No peak known for a CPU.
+  assert "images/s" in out and "MFU n/a" in out
+
+
+def test_training_costs_more_flops_than_inference(runs):
+  infer, train = runs["infer"][0], runs["train"][0]
+  # The backward pass is about twice the forward, plus the optimizer: about three forwards.
+  assert 2.5 < train["flops"] / infer["flops"] < 5
+
+
+@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="needs torch and transformers")
+def test_compares_with_the_transformers_vit(runs):
+  result, out, _ = runs["train"]
+  torch_result = result["torch"]
+  assert torch_result["implementation"] == "transformers" and not torch_result["torch_compile"]
+  assert torch_result["images_per_s"] > 0 and len(torch_result["step_times_s"]) == 2
+  assert result["ratio"] > 0
+  assert result["ratio"] == pytest.approx(result["images_per_s"] / torch_result["images_per_s"])
+  assert result["mfu"] == pytest.approx(result["tflops"] / 1.0)  # --peak_tflops 1.
+  assert f"| {result['ratio']:.2f}x |" in out
+
+
+@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="needs torch and transformers")
+def test_transformers_vit_has_the_same_size():
+  from vitjax import models  # pylint: disable=import-outside-toplevel
+  args = benchmark.parse_args(["--model", "vit_small_patch16_224", "--image_size", "32"])
+  model = models.create_model(args.model, image_size=32)
+  module, _ = benchmark.torch_model("transformers", model, args)
+  torch_params = sum(p.numel() for p in module.parameters())
+  assert torch_params == models.count_params(models.param_shapes(model))
+
+
+def test_markdown_has_a_header_and_a_row(runs):
+  out = runs["train"][1]
+  assert "Throughput on cpu (cpu), jax " in out
+  assert "| model | mode | batch |" in out
+  assert any(line.startswith("| vit | train | 2 | float32 |") for line in out.splitlines())
+
+
+def test_peak_table():
+  assert benchmark.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989
+  assert benchmark.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756
+  assert benchmark.peak_tflops("NVIDIA H200", "bfloat16") == 989
+  assert benchmark.peak_tflops("NVIDIA A100-SXM4-80GB", "bfloat16") == 312
+  assert benchmark.peak_tflops("TPU v4", "bfloat16") == 275
+  assert benchmark.peak_tflops("TPU v5 lite", "bfloat16") == 197
+  assert benchmark.peak_tflops("TPU v5p", "bfloat16") == 459
+  assert benchmark.peak_tflops("TPU v6 lite", "bfloat16") == 918
+  assert benchmark.peak_tflops("cpu", "float32") is None
+
+
+def test_cost_analysis_as_a_list_or_a_dict():
+  class Compiled:
+    def __init__(self, analysis):
+      self.analysis = analysis
+
+    def cost_analysis(self):
+      return self.analysis
+
+  assert benchmark.xla_flops(Compiled({"flops": 10.0})) == 10.0
+  assert benchmark.xla_flops(Compiled([{"flops": 10.0}])) == 10.0  # Older JAX.
+  assert benchmark.xla_flops(Compiled([])) is None

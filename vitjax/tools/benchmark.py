@@ -1,0 +1,523 @@
+"""Training and inference throughput of a vitjax model, side by side with PyTorch.
+
+    python -m vitjax.tools.benchmark --model vit_base_patch16_224 --batch 256 \\
+        --mode train --dtype bfloat16 [--compare auto|none|timm|transformers] \\
+        [--steps 20] [--warmup 3] [--markdown] [--json results.json]
+
+It times one jitted step of the vitjax model: in 'train' mode a full optimizer step
+(forward, softmax cross-entropy, backward, `optax.adamw` update, state donated), in 'infer'
+mode the forward pass. It prints images/s and ms/step from the median step time, the
+achieved TFLOP/s (FLOPs from XLA's cost analysis of the compiled step), MFU against the
+device's peak (`PEAK_TFLOPS`; `--peak_tflops` overrides) and peak device memory.
+
+In the same process, on the same device, it times the same step in PyTorch and prints
+vitjax's speed relative to it: with timm installed, `timm.create_model(name)` under
+`torch.compile` (the GPU baseline); without timm, the PyTorch ViT of `transformers`
+(`ViTForImageClassification`) sized like the vitjax model (the CPU baseline). Both sides get
+the same random inputs, generated once on the device, and their steps alternate, so that a
+change in the machine's load hits both alike.
+
+On a CPU the vitjax step is compiled with `CPU_COMPILER_OPTIONS` (see there; `--xla_defaults`
+leaves them out). Of vitjax it imports only `vitjax.models`, so it runs where ml-collections,
+grain and tensorflow-datasets are not installed.
+"""
+
+import argparse
+import contextlib
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+
+# XLA options for compiling the step on a CPU, per executable: `jax.jit(step,
+# compiler_options=CPU_COMPILER_OPTIONS)`, or process-wide as XLA_FLAGS="--NAME=VALUE".
+# Measured with jax 0.10.2 on ViT-S/16 (BENCHMARKS.md); none changes the arithmetic beyond
+# the order of fp32 sums.
+CPU_COMPILER_OPTIONS = {}
+
+# Peak dense TFLOP/s (bfloat16, float32) by a substring of `device.device_kind`, first match
+# wins. float32 is what a float32 matmul runs at under JAX's default precision: TF32 tensor
+# cores on NVIDIA GPUs, bfloat16 MXU passes on TPUs.
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756, 378),
+    ("H100 NVL", 835, 418),
+    ("H100", 989, 495),  # SXM.
+    ("H200", 989, 495),
+    ("A100", 312, 156),
+    ("TPU v4", 275, 275),
+    ("TPU v5 lite", 197, 197),
+    ("TPU v5e", 197, 197),
+    ("TPU v5", 459, 459),  # v5p.
+    ("TPU v6 lite", 918, 918),
+    ("TPU v6e", 918, 918),
+)
+
+# Both optimizers: AdamW with the same hyperparameters (the values do not change the speed).
+LEARNING_RATE, WEIGHT_DECAY = 1e-3, 0.05
+# More than this share of the machine's CPU time used by other processes while timing is
+# reported: the numbers are then likely low.
+_BACKGROUND_WARNING = 0.05
+
+
+def peak_tflops(device_kind, dtype):
+  """Peak dense TFLOP/s of a device kind for `dtype` ('bfloat16'/'float32'), or None."""
+  for pattern, bf16, fp32 in PEAK_TFLOPS:
+    if pattern.lower() in device_kind.lower():
+      return bf16 if dtype == "bfloat16" else fp32
+  return None
+
+
+def xla_flops(compiled):
+  """FLOPs of a compiled executable by XLA's cost analysis (a dict, or a list of one)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # Older JAX: one dict per partition.
+    analysis = analysis[0] if analysis else {}
+  flops = (analysis or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
+def planned_bytes(compiled):
+  """Arguments + outputs + temporaries XLA plans for an executable (donated buffers once)."""
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if stats is None:
+    return None
+  return (stats.argument_size_in_bytes + stats.output_size_in_bytes
+          + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+# ----------------------------------------------------------------------------- vitjax side
+
+
+def build_vitjax(args, dtype, images, labels, compiler_options=None):
+  """(run_step, compiled, model, compiler_options): one compiled vitjax step.
+
+  `run_step()` runs a step and waits for it. Where this JAX does not know one of
+  `compiler_options`, the step is compiled without them and the returned options are None.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from vitjax import models  # pylint: disable=import-outside-toplevel
+
+  model = models.create_model(args.model, **model_overrides(args, dtype))
+  params = models.init_params(model)
+  dropout_key = jax.random.key(1)
+  optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+
+  def forward(params, images, train):
+    logits, _ = model.apply({"params": params}, images, train=train,
+                            rngs={"dropout": dropout_key} if train else None)
+    return logits
+
+  def infer_step(params, images):
+    return forward(params, images, False)
+
+  def train_step(params, opt_state, images, labels):
+    def loss_fn(params):
+      logits = forward(params, images, True).astype(jnp.float32)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  if args.mode == "infer":
+    state, inputs = [params], (images,)
+    jit = lambda options: jax.jit(infer_step, compiler_options=options)
+  else:
+    state, inputs = [params, optimizer.init(params)], (images, labels)
+    jit = lambda options: jax.jit(train_step, donate_argnums=(0, 1), compiler_options=options)
+  step = jit(compiler_options)
+  try:
+    compiled = step.lower(*state, *inputs).compile()
+  except Exception as error:  # pylint: disable=broad-except
+    if not compiler_options or "compile option" not in str(error):
+      raise
+    print(f"Compiling without {compiler_options}: {error}", flush=True)
+    compiler_options, step = None, jit(None)
+    compiled = step.lower(*state, *inputs).compile()
+
+  # Steps run through the jitted function, as in a training loop (its C++ dispatch is faster
+  # than calling `compiled`); it reuses the executable compiled above.
+  def run_step():
+    if args.mode == "infer":
+      jax.block_until_ready(step(*state, *inputs))
+    else:
+      state[0], state[1], loss = step(*state, *inputs)
+      jax.block_until_ready((state, loss))
+  return run_step, compiled, model, compiler_options
+
+
+def model_overrides(args, dtype):
+  overrides = {"dtype": dtype}
+  if args.variant:
+    overrides["variant"] = args.variant
+  if args.attention_impl:
+    overrides["attention_impl"] = args.attention_impl
+  if args.image_size:
+    overrides["image_size"] = args.image_size
+  return overrides
+
+
+# ---------------------------------------------------------------------------- PyTorch side
+
+
+def resolve_compare(compare):
+  """'timm', 'transformers' or 'none' for `--compare`; 'auto' picks what is installed."""
+  if compare != "auto":
+    return compare
+  if not importlib.util.find_spec("torch"):
+    return "none"
+  for name in ("timm", "transformers"):
+    if importlib.util.find_spec(name):
+      return name
+  return "none"
+
+
+def torch_model(kind, model, args):
+  """The PyTorch counterpart of the vitjax `model`: (module, forward(module, images) -> logits)."""
+  if kind == "timm":
+    import timm  # pylint: disable=import-outside-toplevel
+    kwargs = {"img_size": args.image_size} if args.image_size else {}
+    return timm.create_model(args.model, pretrained=False, **kwargs), lambda m, x: m(x)
+  import transformers  # pylint: disable=import-outside-toplevel
+  config = transformers.ViTConfig(
+      hidden_size=model.width, num_hidden_layers=model.depth, num_attention_heads=model.num_heads,
+      intermediate_size=model.mlp_dim, patch_size=model.patch_size, image_size=model.image_size,
+      num_channels=model.in_channels, num_labels=model.num_classes or 1000,
+      layer_norm_eps=model.layer_norm_eps,
+      hidden_act="gelu_pytorch_tanh" if model.gelu_approximate else "gelu")
+  module = transformers.ViTForImageClassification(config)
+  return module, lambda m, x: m(pixel_values=x).logits
+
+
+def build_torch(kind, model, args, dtype_name, images, labels, platform):
+  """(run_step, info): the same step in PyTorch on the same device; `run_step()` blocks."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+
+  device = torch.device("cuda" if platform == "gpu" else "cpu")
+  if device.type == "cuda" and dtype_name == "float32":
+    torch.backends.cuda.matmul.allow_tf32 = True  # JAX's default precision uses TF32 too.
+    torch.backends.cudnn.allow_tf32 = True
+  module, forward = torch_model(kind, model, args)
+  module = module.to(device)
+  use_compile = (args.torch_compile == "on"
+                 or (args.torch_compile == "auto" and device.type == "cuda"))
+  step_module = torch.compile(module) if use_compile else module
+  # bfloat16 as in vitjax: float32 parameters, bfloat16 compute (autocast).
+  autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+              if dtype_name == "bfloat16" else contextlib.nullcontext())
+  x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous().to(device)
+  y = torch.from_numpy(np.array(labels)).long().to(device)
+  sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+  info = {"implementation": kind, "torch_compile": use_compile,
+          "torch_threads": torch.get_num_threads()}
+  if kind == "transformers":
+    # pylint: disable-next=protected-access
+    info["attn_implementation"] = module.config._attn_implementation
+
+  if args.mode == "infer":
+    module.eval()
+
+    def run_step():
+      with torch.inference_mode(), autocast():
+        forward(step_module, x)
+      sync()
+    return run_step, info
+
+  module.train()
+  fused = device.type == "cuda"  # The fastest AdamW on a GPU; the default one elsewhere.
+  optimizer = torch.optim.AdamW(module.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
+                                fused=fused or None)
+  info["optimizer"] = "AdamW" + (" (fused)" if fused else "")
+
+  def run_step():
+    with autocast():
+      logits = forward(step_module, x)
+    torch.nn.functional.cross_entropy(logits.float(), y).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync()
+  return run_step, info
+
+
+# --------------------------------------------------------------------------------- timing
+
+
+def _busy_cpu_seconds():
+  """CPU seconds all processes have used (Linux /proc/stat), or None elsewhere."""
+  try:
+    with open("/proc/stat", encoding="ascii") as f:
+      ticks = [int(n) for n in f.readline().split()[1:]]
+  except (OSError, ValueError):
+    return None
+  idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+  return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def time_steps(runners, steps, warmup):
+  """Seconds per step of each runner (name -> run_step), their steps alternating.
+
+  Returns ({name: [seconds, ...]}, background): `background` is the share of the machine's
+  CPU time that other processes used while timing (None where unknown).
+  """
+  for run_step in runners.values():
+    for _ in range(warmup):
+      run_step()
+  times = {name: [] for name in runners}
+  busy, own, wall = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
+  for _ in range(steps):
+    for name, run_step in runners.items():
+      start = time.perf_counter()
+      run_step()
+      times[name].append(time.perf_counter() - start)
+  background = None
+  if busy is not None:
+    others = (_busy_cpu_seconds() - busy) - (time.process_time() - own)
+    background = max(0.0, others / ((time.perf_counter() - wall) * (os.cpu_count() or 1)))
+  return times, background
+
+
+# ---------------------------------------------------------------------------------- output
+
+
+def _versions(compare):
+  packages = ["jax", "jaxlib", "flax", "optax"]
+  if compare != "none":
+    packages += ["torch", compare]
+  versions = {}
+  for package in packages:
+    try:
+      versions[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return versions
+
+
+def _options_text(options):
+  return ", ".join(f"`{name}={value}`" for name, value in options.items())
+
+
+def _fmt(x, digits=3):
+  if x is None:
+    return "n/a"
+  if x >= 100:
+    return f"{x:,.0f}"
+  return f"{x:.1f}" if x >= 10 else f"{x:.{digits}g}"
+
+
+def summary_lines(result):
+  r = result
+  memory = ("n/a" if r["peak_memory_bytes"] is None
+            else f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB ({r['peak_memory_source']})")
+  mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}% of {r['peak_tflops']:g} TFLOP/s"
+  lines = [
+      f"vitjax {r['model']} {r['mode']}, batch {r['batch']}, {r['dtype']}, "
+      f"{r['image_size']}px on {r['device']}:",
+      f"  {_fmt(r['images_per_s'])} images/s, {_fmt(r['ms_per_step'])} ms/step (median of "
+      f"{r['steps']}), {_fmt(r['tflops'])} TFLOP/s ({_fmt(r['flops'] and r['flops'] / 1e9)} "
+      f"GFLOP/step by XLA's cost analysis), MFU {mfu}",
+      f"  peak memory {memory}",
+  ]
+  if r["compiler_options"]:
+    lines.append("  compiled with " + _options_text(r["compiler_options"]).replace("`", ""))
+  torch_result = r.get("torch")
+  if torch_result and torch_result.get("error"):
+    lines.append(f"  PyTorch ({torch_result['implementation']}): n/a: {torch_result['error']}")
+  elif torch_result:
+    t = torch_result
+    compiled = "torch.compile" if t["torch_compile"] else "eager"
+    lines.append(f"PyTorch {t['implementation']} ({compiled}, {t['torch_threads']} threads): "
+                 f"{_fmt(t['images_per_s'])} images/s, {_fmt(t['ms_per_step'])} ms/step, "
+                 f"{_fmt(t['tflops'])} TFLOP/s at the same FLOPs")
+    lines.append(f"vitjax / PyTorch: {r['ratio']:.2f}x images/s")
+  if _background_warning(r):
+    lines.append(_background_warning(r))
+  return lines
+
+
+def _background_warning(result):
+  share = result["background_cpu"]
+  if share is None or share <= _BACKGROUND_WARNING:
+    return ""
+  return (f"Warning: other processes used {100 * share:.0f}% of the CPU time while timing; "
+          "these numbers are likely low.")
+
+
+_MARKDOWN_COLUMNS = ("model", "mode", "batch", "dtype", "vitjax img/s", "ms/step", "TFLOP/s", "MFU",
+                     "peak memory MiB", "PyTorch", "PyTorch img/s", "vitjax / PyTorch")
+
+
+def markdown_lines(result):
+  r, t = result, result.get("torch") or {}
+  header = [
+      f"Throughput on {r['device']} ({r['platform']}), "
+      + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + f", {r['date']}.",
+      "",
+      f"- Command: `{r['command']}`",
+      f"- Median step time of {r['steps']} steps after {r['warmup']} warm-up steps, compilation "
+      "excluded; vitjax and PyTorch steps alternate. FLOPs: XLA's cost analysis of the vitjax "
+      "step. Memory: " + (r["peak_memory_source"] or "n/a") + ".",
+  ]
+  if _background_warning(r):
+    header.append("- " + _background_warning(r))
+  if r["compiler_options"]:
+    header.append("- vitjax step compiled with " + _options_text(r["compiler_options"]) + ".")
+  if r["xla_flags"]:
+    header.append(f"- XLA_FLAGS: `{r['xla_flags']}`")
+  if t and not t.get("error"):
+    header.append(f"- PyTorch: {t['implementation']}, "
+                  + ("torch.compile" if t["torch_compile"] else "eager")
+                  + f", {t['torch_threads']} threads"
+                  + (f", attention '{t['attn_implementation']}'" if "attn_implementation" in t
+                     else "") + ".")
+  memory = "n/a" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:,.0f}"
+  mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+  cells = [r["model"], r["mode"], str(r["batch"]), r["dtype"], _fmt(r["images_per_s"]),
+           _fmt(r["ms_per_step"]), _fmt(r["tflops"]), mfu, memory,
+           (t.get("implementation") or "none") if t else "none",
+           _fmt(t.get("images_per_s")) if t else "-",
+           f"{r['ratio']:.2f}x" if r.get("ratio") else "-"]
+  return header + ["", "| " + " | ".join(_MARKDOWN_COLUMNS) + " |",
+                   "|" + "|".join("---" if c in ("model", "mode", "dtype", "PyTorch") else "---:"
+                                  for c in _MARKDOWN_COLUMNS) + "|",
+                   "| " + " | ".join(cells) + " |"]
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(prog="python -m vitjax.tools.benchmark",
+                                   description=__doc__.splitlines()[0])
+  parser.add_argument("--model", default="vit_base_patch16_224",
+                      help="any name of vitjax.list_models()")
+  parser.add_argument("--variant", help="size and patch for the family names 'vit' and 'deit', "
+                      "e.g. --model vit --variant mu/16 (a toy size)")
+  parser.add_argument("--batch", type=int, help="default: 256, or 8 on a CPU")
+  parser.add_argument("--mode", choices=("train", "infer"), default="train")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                      help="compute dtype (parameters stay float32); default: bfloat16, or "
+                      "float32 on a CPU")
+  parser.add_argument("--steps", type=int, default=20, help="timed steps; the median is reported")
+  parser.add_argument("--warmup", type=int, default=3,
+                      help="untimed steps after compiling (at least 1 is run)")
+  parser.add_argument("--image_size", type=int, help="input resolution on both sides "
+                      "(default: the model's own)")
+  parser.add_argument("--attention_impl", help="vitjax.create_model(attention_impl=...)")
+  parser.add_argument("--compare", choices=("auto", "none", "timm", "transformers"),
+                      default="auto", help="the PyTorch model to time alongside; auto: timm if "
+                      "installed, else transformers, else none")
+  parser.add_argument("--torch_compile", choices=("auto", "on", "off"), default="auto",
+                      help="torch.compile the PyTorch model; auto: on a GPU only (compiling "
+                      "takes minutes on a CPU)")
+  parser.add_argument("--xla_defaults", action="store_true", help="on a CPU, compile the "
+                      "vitjax step without CPU_COMPILER_OPTIONS")
+  parser.add_argument("--peak_tflops", type=float, help="peak TFLOP/s for MFU (default: "
+                      "from the device kind)")
+  parser.add_argument("--markdown", action="store_true", help="a Markdown table for BENCHMARKS.md")
+  parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+  args = parser.parse_args(argv)
+  if args.steps < 1 or args.warmup < 0 or (args.batch is not None and args.batch < 1):
+    parser.error("--steps and --batch must be at least 1, --warmup at least 0")
+  return args
+
+
+def main(argv=None):
+  """Runs the benchmark, prints the results and returns them as a dict."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = parse_args(argv)
+  compare = resolve_compare(args.compare)
+  if compare != "none":
+    # JAX would otherwise take 75% of the GPU's memory up front, leaving PyTorch too little.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  device = jax.devices()[0]
+  platform = device.platform
+  on_cpu = platform == "cpu"
+  batch = args.batch or (8 if on_cpu else 256)
+  dtype_name = args.dtype or ("float32" if on_cpu else "bfloat16")
+
+  from vitjax import models  # pylint: disable=import-outside-toplevel
+  probe = models.create_model(args.model, **model_overrides(args, jnp.dtype(dtype_name)))
+  size, channels = probe.image_size, probe.in_channels
+  image_key, label_key = jax.random.split(jax.random.key(0))
+  images = jax.random.normal(image_key, (batch, size, size, channels), jnp.float32)
+  labels = jax.random.randint(label_key, (batch,), 0, probe.num_classes or 1000)
+
+  options = None if args.xla_defaults or not on_cpu else dict(CPU_COMPILER_OPTIONS) or None
+  run_vitjax, compiled, model, options = build_vitjax(args, jnp.dtype(dtype_name), images,
+                                                      labels, options)
+  runners = {"vitjax": run_vitjax}
+  torch_info = None
+  if compare != "none":
+    try:
+      run_torch, torch_info = build_torch(compare, model, args, dtype_name, images, labels,
+                                          platform)
+      runners["torch"] = run_torch
+    except Exception as error:  # pylint: disable=broad-except
+      torch_info = {"implementation": compare, "error": f"{type(error).__name__}: {error}"}
+      print(f"PyTorch side not run: {torch_info['error']}", flush=True)
+  if platform == "gpu" and "torch" in runners:
+    import torch  # pylint: disable=import-outside-toplevel
+    torch.cuda.reset_peak_memory_stats()
+
+  # At least one untimed step each: the first jitted call traces, torch.compile compiles.
+  times, background = time_steps(runners, args.steps, max(args.warmup, 1))
+
+  flops = xla_flops(compiled)
+  step_s = statistics.median(times["vitjax"])
+  peak = args.peak_tflops or peak_tflops(device.device_kind, dtype_name)
+  tflops = flops / step_s / 1e12 if flops else None
+  stats = device.memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    memory, memory_source = stats["peak_bytes_in_use"], "device peak_bytes_in_use"
+  else:
+    memory = planned_bytes(compiled)
+    memory_source = ("XLA memory analysis: arguments + outputs + temporaries of the step"
+                     if memory is not None else None)
+  result = {
+      "model": args.model, "mode": args.mode, "batch": batch, "dtype": dtype_name,
+      "image_size": size, "attention_impl": args.attention_impl,
+      "device": device.device_kind, "platform": platform, "num_devices_used": 1,
+      "steps": args.steps, "warmup": max(args.warmup, 1),
+      "images_per_s": batch / step_s, "ms_per_step": step_s * 1e3,
+      "step_times_s": times["vitjax"], "flops": flops, "tflops": tflops,
+      "peak_tflops": peak, "mfu": tflops / peak if tflops and peak else None,
+      "peak_memory_bytes": memory, "peak_memory_source": memory_source,
+      "background_cpu": background, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "compiler_options": options, "versions": _versions(compare),
+      "date": datetime.date.today().isoformat(),
+      "command": f"python -m vitjax.tools.benchmark {shlex.join(argv)}".rstrip(),
+      "torch": torch_info, "ratio": None,
+  }
+  if "torch" in times:
+    torch_s = statistics.median(times["torch"])
+    torch_info.update({"images_per_s": batch / torch_s, "ms_per_step": torch_s * 1e3,
+                       "step_times_s": times["torch"],
+                       "tflops": flops / torch_s / 1e12 if flops else None})
+    if platform == "gpu":
+      import torch  # pylint: disable=import-outside-toplevel
+      torch_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    result["ratio"] = result["images_per_s"] / torch_info["images_per_s"]
+
+  print("\n".join(markdown_lines(result) if args.markdown else summary_lines(result)), flush=True)
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=1)
+  return result
+
+
+if __name__ == "__main__":
+  main()
