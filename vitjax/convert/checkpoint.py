@@ -15,7 +15,7 @@ from flax import traverse_util
 import jax
 import numpy as np
 
-from vitjax.convert import big_vision, files, mixer, pytorch, swin
+from vitjax.convert import big_vision, files, mismatch, mixer, pytorch, swin
 from vitjax.convert.files import CheckpointError
 from vitjax.models import dummy_input, param_shapes
 from vitjax.models.swin import SwinTransformer
@@ -27,7 +27,6 @@ _LAYOUTS = (  # Name, and a parameter every ViT of that layout has.
     ("timm", pytorch.TIMM_ANCHOR),
     ("Hugging Face transformers", pytorch.HF_ANCHOR),
 )
-_MAX_LISTED = 25  # Names per section of a mismatch error.
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -235,30 +234,7 @@ def _reinit_head(params, model, template, rng):
 
 
 def _mismatch_message(params, template, what):
-  missing = sorted(set(template) - set(params))
-  unexpected = sorted(set(params) - set(template))
-  mismatched = sorted(n for n in set(params) & set(template)
-                      if tuple(np.shape(params[n])) != tuple(template[n].shape))
-  if not (missing or unexpected or mismatched):
-    return None
-  lines = [f"{what} does not fit the model."]
-
-  def section(title, names, describe):
-    if names:
-      lines.append(f"{title} ({len(names)}):")
-      lines.extend(f"  {describe(n)}" for n in names[:_MAX_LISTED])
-      if len(names) > _MAX_LISTED:
-        lines.append(f"  ... and {len(names) - _MAX_LISTED} more")
-
-  section("Missing (in the model, not in the checkpoint)", missing,
-          lambda n: f"{n} {tuple(template[n].shape)}")
-  section("Unexpected (in the checkpoint, not in the model)", unexpected,
-          lambda n: f"{n} {tuple(np.shape(params[n]))}")
-  section("Shapes differ", mismatched,
-          lambda n: f"{n}: checkpoint {tuple(np.shape(params[n]))}, model "
-                    f"{tuple(template[n].shape)}")
-  lines.extend(_hints(params, template, missing + unexpected + mismatched))
-  return "\n".join(lines)
+  return mismatch.mismatch_message(params, template, what, _hints)
 
 
 def _hints(params, template, differing):

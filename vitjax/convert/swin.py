@@ -26,14 +26,13 @@ from flax import traverse_util
 import jax
 import numpy as np
 
-from vitjax.convert import files, pytorch
+from vitjax.convert import files, mismatch, pytorch
 from vitjax.convert.files import CheckpointError
 from vitjax.models import dummy_input, param_shapes
 
 TIMM_ANCHOR = "patch_embed.proj.weight"
 HF_ANCHOR = "embeddings.patch_embeddings.projection.weight"
 _BUFFERS = re.compile(r"(^|\.)(relative_position_index|attn_mask)$")
-_MAX_LISTED = 25  # Names per section of a mismatch error.
 
 # Rules as in vitjax.convert.pytorch: (torch module, vitjax module, kind). In the
 # stage rules `{s}` is the stage (0-based, as in the checkpoint) and `{i}` the block;
@@ -211,30 +210,7 @@ def _reinit_head(params, model, rng):
 
 
 def _mismatch_message(params, template, what):
-  missing = sorted(set(template) - set(params))
-  unexpected = sorted(set(params) - set(template))
-  mismatched = sorted(n for n in set(params) & set(template)
-                      if tuple(np.shape(params[n])) != tuple(template[n].shape))
-  if not (missing or unexpected or mismatched):
-    return None
-  lines = [f"{what} does not fit the model."]
-
-  def section(title, names, describe):
-    if names:
-      lines.append(f"{title} ({len(names)}):")
-      lines.extend(f"  {describe(n)}" for n in names[:_MAX_LISTED])
-      if len(names) > _MAX_LISTED:
-        lines.append(f"  ... and {len(names) - _MAX_LISTED} more")
-
-  section("Missing (in the model, not in the checkpoint)", missing,
-          lambda n: f"{n} {tuple(template[n].shape)}")
-  section("Unexpected (in the checkpoint, not in the model)", unexpected,
-          lambda n: f"{n} {tuple(np.shape(params[n]))}")
-  section("Shapes differ", mismatched,
-          lambda n: f"{n}: checkpoint {tuple(np.shape(params[n]))}, model "
-                    f"{tuple(template[n].shape)}")
-  lines.extend(_hints(params, template, missing + unexpected + mismatched))
-  return "\n".join(lines)
+  return mismatch.mismatch_message(params, template, what, _hints)
 
 
 def _architecture(names_shapes):
