@@ -48,6 +48,7 @@ def get_config(arg=None):
   config.init_head = "reinit"
 
   config.task = "supervised"
+  config.evaluators = None  # {name: options}; None runs the task's default (classification).
   config.label_smoothing = 0.1
 
   config.batch_size = 128
@@ -64,6 +65,8 @@ def get_config(arg=None):
       schedule="cosine",  # 'cosine', 'linear' or 'constant' after the warmup.
       warmup_steps=100,
       end_learning_rate=1e-5,
+      freeze=None,  # Regex(es) over parameter names never to update, e.g. '^Transformer/'.
+      lr_multipliers=None,  # ((regex, factor), ...): first match scales the learning rate.
   )
 
   # Parallelism (vitjax.train.sharding): mesh axis sizes, -1 = all remaining devices,

@@ -74,3 +74,50 @@ def test_gradient_clipping_bounds_the_sgd_step():
 def test_unknown_optimizer_is_an_error():
   with pytest.raises(ValueError, match="Unknown optimizer 'adam'"):
     optim.make_optimizer(make_config(name="adam"), {"w": jnp.zeros(1)})
+
+
+def _tiny_vit_params():
+  model = vitjax.create_model("vit", variant="mu/4", depth=1, num_classes=3, image_size=8)
+  return vitjax.init_params(model)
+
+
+def _one_update(config, params):
+  tx, _ = optim.make_optimizer(config, params)
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  return {optim.path_str(path): np.asarray(u)
+          for path, u in jax.tree_util.tree_leaves_with_path(updates)}
+
+
+def test_frozen_parameters_never_change_and_hold_no_optimizer_state():
+  params = _tiny_vit_params()
+  config = make_config(freeze=r"^(embedding|Transformer)/", warmup_steps=0, schedule="constant")
+  updates = _one_update(config, params)
+  for name, update in updates.items():
+    frozen = name.startswith(("embedding/", "Transformer/"))
+    assert np.all(update == 0) == frozen, name
+  tx, _ = optim.make_optimizer(config, params)
+  state_bytes = sum(x.size for x in jax.tree_util.tree_leaves(tx.init(params)))
+  trained = sum(p.size for n, p in updates.items() if not n.startswith(("embedding/", "Transf")))
+  assert state_bytes <= 2 * trained + 8  # Adam's two moments of the trained parameters only.
+
+
+def test_lr_multipliers_scale_updates_first_match_wins():
+  params = _tiny_vit_params()
+  base = _one_update(make_config(warmup_steps=0, schedule="constant", weight_decay=0.0), params)
+  scaled = _one_update(make_config(warmup_steps=0, schedule="constant", weight_decay=0.0,
+                                   lr_multipliers=((r"^head/", 10.0), (r"head|cls", 0.5))),
+                       params)
+  for name in base:
+    factor = 10.0 if name.startswith("head/") else 0.5 if "cls" in name else 1.0
+    np.testing.assert_allclose(scaled[name], factor * base[name], rtol=1e-6, err_msg=name)
+
+
+def test_patterns_that_match_nothing_are_errors():
+  params = _tiny_vit_params()
+  with pytest.raises(ValueError, match="freeze pattern 'encoder_block' matches no parameter"):
+    optim.make_optimizer(make_config(freeze="encoder_block"), params)
+  with pytest.raises(ValueError, match="lr_multipliers pattern"):
+    optim.make_optimizer(make_config(lr_multipliers=(("nope", 2.0),)), params)
+  with pytest.raises(ValueError, match="freezes every parameter"):
+    optim.make_optimizer(make_config(freeze="."), params)

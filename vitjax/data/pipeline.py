@@ -180,6 +180,7 @@ class Dataset:
     # they are applied before augmentation; in-memory splits get them once
     # here, which leaves only a crop and a flip per training batch.
     self._train = self._prepared(train_source, input_config.random_crop_padding)
+    self._train_unaugmented = self._prepared(train_source, padding=0)
     self._eval = self._prepared(eval_source, padding=0)
 
   def _prepared(self, source: Source, padding: int) -> Source:
@@ -235,13 +236,21 @@ class Dataset:
         images = preprocess.flip(images, flips[host_slice])
     return {"image": images, "label": labels}
 
+  def _split_source(self, split: str) -> tuple[Source, int]:
+    if split == "eval":
+      return self._eval, self.num_eval
+    if split == "train":
+      return self._train_unaugmented, self.num_train
+    raise ValueError(f"split must be 'eval' or 'train', not {split!r}.")
+
   def eval_batch(self, step: int, batch_size: int, *, process_index: int = 0,
-                 process_count: int = 1) -> Batch:
+                 process_count: int = 1, split: str = "eval") -> Batch:
     """This host's slice of eval batch `step`; `mask` is False on padding."""
+    source, num_examples = self._split_source(split)
     positions, _ = self._host_positions(
         step, batch_size, process_index, process_count)
-    mask = positions < self.num_eval
-    valid_images, labels = self._eval.load(positions[mask])
+    mask = positions < num_examples
+    valid_images, labels = source.load(positions[mask])
     num_valid = len(labels)
     # Padding is zeros; the mask keeps it out of every metric.
     images = np.zeros((len(positions), *self.image_shape), np.float32)
@@ -250,9 +259,9 @@ class Dataset:
     padded_labels[:num_valid] = labels
     return {"image": images, "label": padded_labels, "mask": mask}
 
-  def num_eval_steps(self, batch_size: int) -> int:
-    """Batches in one pass over the eval split (the last one padded)."""
-    return math.ceil(self.num_eval / batch_size)
+  def num_eval_steps(self, batch_size: int, split: str = "eval") -> int:
+    """Batches in one pass over the eval (or train) split (the last one padded)."""
+    return math.ceil(self._split_source(split)[1] / batch_size)
 
   def _iterate(self, batch_fn: Callable[[int], Batch], start: int,
                stop: int) -> Iterator[Batch]:
@@ -281,18 +290,20 @@ class Dataset:
     return self._iterate(batch_fn, start_step, sys.maxsize)
 
   def eval_iter(self, batch_size: int, *, process_index: int = 0,
-                process_count: int = 1) -> Iterator[Batch]:
+                process_count: int = 1, split: str = "eval") -> Iterator[Batch]:
     """One ordered pass over the eval split, without augmentation.
 
     Yields dicts {'image', 'label', 'mask': bool [b]}; the last batch is padded
     to full size with mask False, so that summing masked metrics counts every
     example exactly once. All hosts yield the same number of batches.
+    `split='train'` makes the same pass over the training split, unaugmented
+    and in order (for few-shot and linear-probe evaluators).
     """
     self._host_positions(0, batch_size, process_index, process_count)  # Checks.
     batch_fn = functools.partial(
         self.eval_batch, batch_size=batch_size,
-        process_index=process_index, process_count=process_count)
-    return self._iterate(batch_fn, 0, self.num_eval_steps(batch_size))
+        process_index=process_index, process_count=process_count, split=split)
+    return self._iterate(batch_fn, 0, self.num_eval_steps(batch_size, split))
 
 
 def _digits_dataset(config: Any, input_config: InputConfig) -> Dataset:

@@ -1,5 +1,48 @@
-"""Evaluators read what they need from the model's `(logits, out)`."""
+"""Evaluators: each reads what it needs from the model's `(logits, out)`, never its internals.
 
-from vitjax.evaluate.classification import evaluate_classification
+    run_evaluator('classification', model, params, dataset, batch_size=256)
 
-__all__ = ["evaluate_classification"]
+The trainer runs the ones its task names (or `config.evaluators`, a dict
+{name: options}) every `config.eval_every` steps; each is also a plain function
+for notebooks and standalone evaluation. Evaluator modules are imported when first
+named. Every evaluator has the signature
+
+    evaluator(model, params, dataset, *, batch_size, batch_sharding=None, **options)
+        -> {metric name: float}
+"""
+
+import difflib
+import importlib
+
+from vitjax.evaluate.classification import classification, evaluate_classification
+
+# name -> "module:function", imported on first use.
+EVALUATORS = {
+    "classification": "vitjax.evaluate.classification:classification",
+    "fewshot": "vitjax.evaluate.fewshot:fewshot",
+    "linear_probe": "vitjax.evaluate.linear_probe:linear_probe",
+    "zeroshot": "vitjax.evaluate.zeroshot:zeroshot",
+    "retrieval": "vitjax.evaluate.retrieval:retrieval",
+    "reconstruction": "vitjax.evaluate.reconstruction:reconstruction",
+}
+
+
+def get_evaluator(name):
+  if name not in EVALUATORS:
+    close = difflib.get_close_matches(str(name), EVALUATORS, 3)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise ValueError(f"Unknown evaluator {name!r}.{hint} Available: "
+                     f"{', '.join(sorted(EVALUATORS))}.")
+  module_name, function_name = EVALUATORS[name].split(":")
+  return getattr(importlib.import_module(module_name), function_name)
+
+
+def run_evaluator(name, model, params, dataset, *, batch_size, batch_sharding=None,
+                  **options):
+  """Runs evaluator `name`; returns its metrics {name: float}."""
+  return get_evaluator(name)(model, params, dataset, batch_size=batch_size,
+                             batch_sharding=batch_sharding, **options)
+
+
+__all__ = ["EVALUATORS", "classification", "evaluate_classification", "get_evaluator",
+           "run_evaluator"]

@@ -38,3 +38,12 @@ def evaluate_classification(model, params, batches, batch_sharding=None):
   if not totals["count"]:
     raise ValueError("Evaluation saw no examples: the evaluation split is empty.")
   return {"top1": totals["top1"] / totals["count"], "top5": totals["top5"] / totals["count"]}
+
+
+def classification(model, params, dataset, *, batch_size, batch_sharding=None):
+  """Top-1 / top-5 over the dataset's evaluation split (the trainer's default evaluator)."""
+  return evaluate_classification(
+      model, params,
+      dataset.eval_iter(batch_size, process_index=jax.process_index(),
+                        process_count=jax.process_count()),
+      batch_sharding=batch_sharding)

@@ -40,8 +40,60 @@ def make_schedule(config):
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
+def _patterns(value):
+  """A regex string or a sequence of them, as a tuple."""
+  if not value:
+    return ()
+  return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _check_matches(params, patterns, key):
+  names = [path_str(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+  for pattern in patterns:
+    if not any(re.search(pattern, name) for name in names):
+      raise ValueError(
+          f"config.optimizer.{key} pattern {pattern!r} matches no parameter. Patterns are "
+          f"regular expressions searched in names like {names[0]!r} or {names[-1]!r}.")
+
+
+def frozen_mask(params, freeze):
+  """True for parameters whose name matches a regex of `freeze` (they are never updated)."""
+  patterns = _patterns(freeze)
+  _check_matches(params, patterns, "freeze")
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: any(re.search(p, path_str(path)) for p in patterns), params)
+
+
+def lr_multipliers(params, rules):
+  """Per-parameter learning-rate factors from ((regex, factor), ...); first match wins, else 1."""
+  rules = tuple((pattern, float(factor)) for pattern, factor in (rules or ()))
+  _check_matches(params, [pattern for pattern, _ in rules], "lr_multipliers")
+
+  def factor(path, _):
+    name = path_str(path)
+    return next((f for pattern, f in rules if re.search(pattern, name)), 1.0)
+
+  return jax.tree_util.tree_map_with_path(factor, params)
+
+
+def scale_by_tree(factors):
+  """Multiplies each update by its own factor (a pytree of floats like the params)."""
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map(lambda u, f: u * f if f != 1.0 else u, updates, factors), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(config, params):
-  """The optax transformation for `config.optimizer`; returns (tx, schedule)."""
+  """The optax transformation for `config.optimizer`; returns (tx, schedule).
+
+  Besides the optimizer, `config.optimizer` may give `freeze` (a regex or a list of
+  them: matching parameters are never updated and get no optimizer state) and
+  `lr_multipliers` (((regex, factor), ...): matching parameters' updates are scaled,
+  first match wins), both over names like 'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel'.
+  """
   opt = config.optimizer
   schedule = make_schedule(config)
   mask = decay_mask(params)
@@ -52,6 +104,16 @@ def make_optimizer(config, params):
                      optax.sgd(schedule, momentum=opt.momentum or None))
   else:
     raise ValueError(f"Unknown optimizer {opt.name!r}; use 'adamw' or 'sgd'.")
+  if opt.get("lr_multipliers"):
+    tx = optax.chain(tx, scale_by_tree(lr_multipliers(params, opt.lr_multipliers)))
   if opt.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
+  if opt.get("freeze"):
+    frozen = frozen_mask(params, opt.freeze)
+    if all(jax.tree_util.tree_leaves(frozen)):
+      raise ValueError(f"config.optimizer.freeze={opt.freeze!r} freezes every parameter; "
+                       f"nothing would be trained.")
+    labels = jax.tree_util.tree_map(lambda f: "frozen" if f else "trained", frozen)
+    # Frozen gradients neither count in the clipping norm nor get optimizer state.
+    tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
   return tx, schedule

@@ -128,13 +128,30 @@ def replicated(mesh):
 def like_params(tree, params, params_sharding, mesh):
   """Shardings for a tree that holds params-shaped subtrees (optimizer state).
 
-  Every subtree with the structure of `params` gets the parameters' shardings;
-  every other leaf (step counts, scalars) is replicated.
+  A leaf whose key path ends with a parameter's path, and whose shape is that
+  parameter's, gets the parameter's sharding (Adam's moments, also under optax's
+  masks and multi_transform); every other leaf (step counts, scalars) is replicated.
   """
-  structure = jax.tree_util.tree_structure(params)
-  is_params = lambda x: jax.tree_util.tree_structure(x) == structure
-  return jax.tree_util.tree_map(
-      lambda x: params_sharding if is_params(x) else replicated(mesh), tree, is_leaf=is_params)
+  by_path = {}
+  for (path, param), (_, sharding) in zip(
+      jax.tree_util.tree_leaves_with_path(params),
+      jax.tree_util.tree_leaves_with_path(params_sharding)):
+    by_path[_keys(path)] = (param.shape, sharding)
+
+  def sharding_of(path, leaf):
+    keys = _keys(path)
+    for start in range(len(keys)):
+      match = by_path.get(keys[start:])
+      if match and match[0] == getattr(leaf, "shape", None):
+        return match[1]
+    return replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(sharding_of, tree)
+
+
+def _keys(path):
+  """A key path as a tuple of plain names, comparable across containers."""
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def batch_sharding(mesh):

@@ -4,8 +4,8 @@
     config = config_lib.load_config('configs/quickstart.py')
     result = train.train(config, 'workdirs/quickstart')
 
-Tasks (`vitjax.train.tasks`) supply the loss; the loop, checkpointing, evaluation
-and logging are shared by all of them.
+Tasks (`vitjax.train.tasks`) supply the model, data, loss and evaluators; the loop,
+sharding, checkpointing and logging are shared by all of them.
 """
 
 import functools
@@ -19,9 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax import data as data_lib
+from vitjax import evaluate as evaluate_lib
 from vitjax import models
-from vitjax.evaluate import evaluate_classification
 from vitjax.train import checkpoints as checkpoints_lib
 from vitjax.train import metrics as metrics_lib
 from vitjax.train import optim
@@ -43,14 +42,12 @@ def build_model(config):
   return models.create_model(name, **options)
 
 
-def _train_step(model, tx, task, grad_accum_steps, state, batch, rng):
+def _train_step(model, tx, task, grad_accum_steps, state, batch, rng, constants):
   """One optimizer update, over `grad_accum_steps` micro-batches; returns state and metrics."""
   step_rng = jax.random.fold_in(rng, state["step"])
 
   def loss_fn(params, micro_batch, micro_rng):
-    logits, out = model.apply({"params": params}, micro_batch["image"], train=True,
-                              rngs={"dropout": micro_rng})
-    return task.loss(logits, out, micro_batch)
+    return task.loss(model, params, micro_batch, micro_rng, constants, state["step"])
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if grad_accum_steps == 1:
@@ -96,9 +93,13 @@ def train(config, workdir, *, progress=True):
   Returns a dict with the final evaluation metrics and the paths written.
   """
   task = tasks.make_task(config)
-  model = build_model(config)  # Unknown models fail here, before anything is written.
-  dataset = data_lib.get_dataset(config)
-  if config.model.num_classes and config.model.num_classes < dataset.num_classes:
+  model = task.build_model()  # Unknown models fail here, before anything is written.
+  evaluators = task.evaluators()
+  for name in evaluators:
+    evaluate_lib.get_evaluator(name)  # Unknown evaluators too.
+  dataset = task.dataset()
+  num_classes = config.model.get("num_classes")
+  if num_classes and num_classes < getattr(dataset, "num_classes", 0):
     raise ValueError(f"config.model.num_classes={config.model.num_classes} but dataset "
                      f"{config.dataset!r} has {dataset.num_classes} classes.")
   accum = config.get("grad_accum_steps", 1)
@@ -119,7 +120,8 @@ def train(config, workdir, *, progress=True):
       f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
   with sharding_lib.mesh_context(mesh, rules):
-    return _train_loop(config, workdir, model, task, dataset, mesh, progress, is_main)
+    return _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progress,
+                       is_main)
 
 
 def _init_state(config, model, mesh, rng):
@@ -146,11 +148,13 @@ def _init_state(config, model, mesh, rng):
   return state, shardings, tx, schedule
 
 
-def _train_loop(config, workdir, model, task, dataset, mesh, progress, is_main):
+def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progress, is_main):
   """The loop proper, inside the mesh and sharding-rules context."""
   rng = jax.random.PRNGKey(config.seed)
   train_rng = jax.random.split(rng)[1]
   state, state_shardings, tx, schedule = _init_state(config, model, mesh, rng)
+  constants = task.prepare(model, mesh, jax.random.fold_in(rng, 2))
+  constant_shardings = jax.tree_util.tree_map(lambda x: x.sharding, constants)
 
   checkpointer = checkpoints_lib.Checkpointer(workdir, keep=config.get("keep_checkpoints", 2))
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
@@ -166,7 +170,7 @@ def _train_loop(config, workdir, model, task, dataset, mesh, progress, is_main):
   replicated = sharding_lib.replicated(mesh)
   train_step = jax.jit(
       functools.partial(_train_step, model, tx, task, config.get("grad_accum_steps", 1)),
-      in_shardings=(state_shardings, batch_sharding, replicated),
+      in_shardings=(state_shardings, batch_sharding, replicated, constant_shardings),
       out_shardings=(state_shardings, replicated),
       donate_argnums=(0,))
   batches = dataset.train_iter(config.batch_size, seed=config.seed, start_step=start_step,
@@ -175,13 +179,13 @@ def _train_loop(config, workdir, model, task, dataset, mesh, progress, is_main):
   total_steps = config.total_steps
 
   def evaluate(step):
-    result = evaluate_classification(
-        model, state["params"],
-        dataset.eval_iter(config.get("eval_batch_size", config.batch_size),
-                          process_index=jax.process_index(),
-                          process_count=jax.process_count()),
-        batch_sharding=batch_sharding)
-    result = {f"eval/{k}": v for k, v in result.items()}
+    result = {}
+    for name, options in evaluators.items():
+      metrics = evaluate_lib.run_evaluator(
+          name, model, state["params"], dataset,
+          batch_size=config.get("eval_batch_size", config.batch_size),
+          batch_sharding=batch_sharding, **options)
+      result.update({f"eval/{k}": v for k, v in metrics.items()})
     writer.write(step, result)
     return result
 
@@ -193,7 +197,7 @@ def _train_loop(config, workdir, model, task, dataset, mesh, progress, is_main):
   try:
     for step in range(start_step + 1, total_steps + 1):
       batch = sharding_lib.global_batch(next(batches), batch_sharding)
-      state, step_metrics = train_step(state, batch, train_rng)
+      state, step_metrics = train_step(state, batch, train_rng, constants)
       pending.append((step, step_metrics))
       is_last = step == total_steps
       do_eval = is_last or (config.eval_every and step % config.eval_every == 0)
@@ -204,13 +208,12 @@ def _train_loop(config, workdir, model, task, dataset, mesh, progress, is_main):
         summary["train/lr"] = float(schedule(step - 1))
         summary["train/steps_per_second"] = len(pending) / max(elapsed, 1e-9)
         writer.write(step, summary)
-        bar.set_postfix(loss=f"{summary['train/loss']:.4f}",
-                        **({"top1": f"{last_eval['eval/top1']:.3f}"} if last_eval else {}))
+        bar.set_postfix(loss=f"{summary['train/loss']:.4f}", **_headline(last_eval))
         bar.update(len(pending))
         pending, window_start = [], time.perf_counter()
       if do_eval:
         last_eval = evaluate(step)
-        bar.set_postfix(loss=f"{summary['train/loss']:.4f}", top1=f"{last_eval['eval/top1']:.3f}")
+        bar.set_postfix(loss=f"{summary['train/loss']:.4f}", **_headline(last_eval))
       if do_save:
         checkpointer.save(step, state)
         saved_step = step
@@ -245,6 +248,13 @@ def _check_and_summarise(pending):
           f"config.optimizer.learning_rate, enable config.optimizer.grad_clip_norm, "
           f"or use float32 compute.")
   return {f"train/{name}": float(np.mean([m[name] for m in fetched])) for name in fetched[0]}
+
+
+def _headline(eval_metrics):
+  """The first evaluation metric, shortened for the progress bar."""
+  for key, value in eval_metrics.items():
+    return {key.split("/")[-1]: f"{value:.3f}"}
+  return {}
 
 
 def _progress_bar(total, initial, enabled):
