@@ -11,9 +11,7 @@ named. Every evaluator has the signature
         -> {metric name: float}
 """
 
-import difflib
-import importlib
-
+from vitjax import lazy
 from vitjax.evaluate.classification import classification, evaluate_classification
 
 # name -> "module:function", imported on first use.
@@ -28,13 +26,7 @@ EVALUATORS = {
 
 
 def get_evaluator(name):
-  if name not in EVALUATORS:
-    close = difflib.get_close_matches(str(name), EVALUATORS, 3)
-    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-    raise ValueError(f"Unknown evaluator {name!r}.{hint} Available: "
-                     f"{', '.join(sorted(EVALUATORS))}.")
-  module_name, function_name = EVALUATORS[name].split(":")
-  return getattr(importlib.import_module(module_name), function_name)
+  return lazy.resolve(EVALUATORS, name, "evaluator", "Use in config.evaluators")
 
 
 def run_evaluator(name, model, params, dataset, *, batch_size, batch_sharding=None,

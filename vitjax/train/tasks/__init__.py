@@ -14,9 +14,7 @@ Task modules are imported when first named, so a task's extra dependencies cost
 nothing to the others.
 """
 
-import difflib
-import importlib
-
+from vitjax import lazy
 from vitjax.train.tasks.base import Task
 
 # name -> "module:class", imported on first use.
@@ -30,13 +28,7 @@ TASKS = {
 
 
 def task_class(name):
-  if name not in TASKS:
-    close = difflib.get_close_matches(str(name), TASKS, 3)
-    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-    raise ValueError(f"Unknown task {name!r}.{hint} Set config.task to one of: "
-                     f"{', '.join(sorted(TASKS))}.")
-  module_name, class_name = TASKS[name].split(":")
-  return getattr(importlib.import_module(module_name), class_name)
+  return lazy.resolve(TASKS, name, "task", "Set config.task to")
 
 
 def make_task(config):
