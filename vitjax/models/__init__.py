@@ -36,6 +36,10 @@ class ModelEntry:
   mean: tuple = IMAGENET_MEAN
   std: tuple = IMAGENET_STD
   paper: str = ""
+  # Evaluation preprocessing of the published weights (timm's pretrained configs): resize
+  # the shorter side to image_size / crop_pct, centre-crop image_size, with this resampling.
+  crop_pct: float = 0.9
+  interpolation: str = "bicubic"
 
 
 _REGISTRY: Dict[str, ModelEntry] = {}
@@ -45,10 +49,15 @@ _FAMILIES = {"vit": (vit.VisionTransformer, vit.decode_variant),
              "mixer": (mixer.MlpMixer, mixer.decode_variant)}
 
 
-def register(name, module, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, paper="", **defaults):
+def register(name, module, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, paper="", crop_pct=None,
+             interpolation="bicubic", **defaults):
+  """Registers `name`; crop_pct None is timm's usual 0.9, or 1.0 from 384 pixels up."""
   if name in _REGISTRY or name in _FAMILIES:
     raise ValueError(f"Model {name!r} is registered twice.")
-  _REGISTRY[name] = ModelEntry(name, module, defaults, tuple(mean), tuple(std), paper)
+  if crop_pct is None:
+    crop_pct = 1.0 if defaults.get("image_size", 224) >= 384 else 0.9
+  _REGISTRY[name] = ModelEntry(name, module, defaults, tuple(mean), tuple(std), paper,
+                               crop_pct, interpolation)
 
 
 def list_models(pattern="*"):
@@ -152,7 +161,8 @@ def _register_vits():
       for distilled in (False, True):
         tag = "_distilled" if distilled else ""
         register(f"deit_{size_name}{tag}_patch16_{resolution}", vit.VisionTransformer,
-                 paper=deit_paper, image_size=resolution, distilled=distilled,
+                 paper=deit_paper, crop_pct=0.875 if resolution == 224 else 1.0,
+                 image_size=resolution, distilled=distilled,
                  **vit.decode_variant(f"{size}/16"))
 
 
@@ -161,7 +171,7 @@ def _register_mixers():
   for size in ("s", "b", "l"):
     for patch in (16, 32):
       register(f"mixer_{size}{patch}_224", mixer.MlpMixer, mean=INCEPTION_MEAN,
-               std=INCEPTION_STD, paper=paper, image_size=224,
+               std=INCEPTION_STD, paper=paper, crop_pct=0.875, image_size=224,
                **mixer.decode_variant(f"{size.upper()}/{patch}"))
 
 
