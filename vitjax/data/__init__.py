@@ -8,6 +8,7 @@
 image-classification dataset prepared in the array_record format works by name.
 """
 
+from vitjax.data import augment
 from vitjax.data import digits
 from vitjax.data import preprocess
 from vitjax.data.pipeline import ArraySource
@@ -15,15 +16,18 @@ from vitjax.data.pipeline import Dataset
 from vitjax.data.pipeline import InputConfig
 from vitjax.data.pipeline import get_dataset
 from vitjax.data.pipeline import shuffled_indices
+from vitjax.data.tfds import BadImageError
 from vitjax.data.tfds import DatasetNotPreparedError
 from vitjax.data.tfds import UnknownDatasetError
 
 __all__ = [
     "ArraySource",
+    "BadImageError",
     "Dataset",
     "DatasetNotPreparedError",
     "InputConfig",
     "UnknownDatasetError",
+    "augment",
     "digits",
     "get_dataset",
     "preprocess",

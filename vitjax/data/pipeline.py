@@ -9,6 +9,15 @@ only s, and each host computes its slice of the global batch independently.
 The pipeline never uses TensorFlow: images are numpy arrays from scikit-learn
 (digits) or `tfds.data_source` (everything else), and grain runs the batch
 function over steps, in parallel threads for datasets read from disk.
+
+Training augmentation, in timm's order (see `vitjax.data.augment`):
+  per example, uint8:   Inception crop (or resize), flip, RandAugment
+  per example, float:   normalize, random erasing
+  per batch:            Mixup / CutMix (labels become soft targets [B, C])
+Per-example randomness is seeded by (seed, stream position) and per-batch
+randomness by (seed, step), so a host's slice of a batch is augmented exactly
+as in the whole batch. Without Inception crop or RandAugment the cheaper
+float path (pad and crop, flip) of the quickstart runs instead.
 """
 
 import dataclasses
@@ -21,7 +30,9 @@ from typing import Any, Callable, Protocol
 
 import grain
 import numpy as np
+from PIL import Image
 
+from vitjax.data import augment
 from vitjax.data import digits
 from vitjax.data import preprocess
 from vitjax.data import tfds as tfds_data
@@ -32,6 +43,10 @@ Batch = dict[str, np.ndarray]
 # even where an epoch number equals a step number.
 _SHUFFLE_STREAM = 0
 _AUGMENT_STREAM = 1
+_EXAMPLE_STREAM = 2  # Inception crop, flip, RandAugment: per stream position.
+_ERASE_STREAM = 3  # Random erasing: per stream position.
+_MIX_STREAM = 4  # Mixup / CutMix: per step.
+_PIL_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
 def _rng(stream: int, seed: int, counter: int) -> np.random.Generator:
@@ -87,6 +102,28 @@ class InputConfig:
     image_key, label_key: TFDS feature names.
     num_threads: threads building batches ahead of the trainer; None picks 0
       for in-memory datasets and up to 8 for datasets read from disk.
+    inception_crop: train only: RandomResizedCrop of the decoded image to
+      image_size, area fraction in `inception_crop_scale`, aspect ratio in
+      `inception_crop_ratio` (timm/torchvision semantics, with the fallback).
+    randaugment_ops: train only: RandAugment with this many ops (timm's N;
+      0 turns it off) at `randaugment_magnitude` (M, of 10) with std
+      `randaugment_magnitude_std` (timm's mstd); `randaugment_increasing` is
+      timm's '-inc1'. 'rand-m9-mstd0.5-inc1' is ops=2, magnitude=9, std=0.5,
+      increasing=True.
+    mixup_alpha, cutmix_alpha: train only: Beta(alpha, alpha) of Mixup and
+      CutMix (0 turns each off); with both set, CutMix is picked with
+      `mixup_switch_prob`; a batch is mixed with `mixup_prob`. Labels become
+      soft targets [B, C].
+    random_erasing_prob: train only: timm's RandomErasing probability (reprob),
+      after normalization; `random_erasing_mode` 'pixel', 'rand' or 'const'.
+    crop_pct: eval: resize the shorter side to image_size / crop_pct, then
+      centre-crop image_size (timm's eval transform; 1 resizes only).
+    interpolation: 'bilinear' or 'bicubic', for every resize.
+    preprocess_from_model: take mean, std, crop_pct and interpolation from the
+      model registry's entry of the pretrained weights: True reads
+      config.model.name, a string names the entry ('vit_base_patch16_224').
+    skip_bad_images: replace undecodable records by the next readable one and
+      count them (`Dataset.bad_images_skipped`) instead of raising.
   """
   image_size: int | None = None
   random_crop_padding: int = 0
@@ -98,12 +135,32 @@ class InputConfig:
   image_key: str = "image"
   label_key: str = "label"
   num_threads: int | None = None
+  inception_crop: bool = False
+  inception_crop_scale: Sequence[float] = (0.08, 1.0)
+  inception_crop_ratio: Sequence[float] = (3 / 4, 4 / 3)
+  randaugment_ops: int = 0
+  randaugment_magnitude: float = 9.0
+  randaugment_magnitude_std: float = 0.5
+  randaugment_increasing: bool = False
+  mixup_alpha: float = 0.0
+  cutmix_alpha: float = 0.0
+  mixup_prob: float = 1.0
+  mixup_switch_prob: float = 0.5
+  random_erasing_prob: float = 0.0
+  random_erasing_mode: str = "pixel"
+  crop_pct: float = 1.0
+  interpolation: str = "bilinear"
+  preprocess_from_model: bool | str = False
+  skip_bad_images: bool = False
 
   @classmethod
   def from_config(cls, input_config: Any) -> "InputConfig":
     """Reads `config.input`; missing keys (or a missing config) get defaults."""
-    values = {field.name: _get(input_config, field.name, field.default)
-              for field in dataclasses.fields(cls)}
+    values = {}
+    for field in dataclasses.fields(cls):
+      value = _get(input_config, field.name)
+      # A key the config sets to None means "the default", like a missing one.
+      values[field.name] = field.default if value is None else value
     values["mean"] = tuple(np.atleast_1d(values["mean"]).tolist())
     values["std"] = tuple(np.atleast_1d(values["std"]).tolist())
     return cls(**values)
@@ -113,6 +170,28 @@ class InputConfig:
       if len(getattr(self, key)) not in (1, self.channels):
         raise ValueError(f"input.{key} has {len(getattr(self, key))} values; "
                          f"give one, or one per channel ({self.channels}).")
+    if self.interpolation not in _PIL_RESAMPLE:
+      raise ValueError(f"input.interpolation must be one of "
+                       f"{sorted(_PIL_RESAMPLE)}, not {self.interpolation!r}.")
+    if self.inception_crop and self.random_crop_padding:
+      raise ValueError("input.inception_crop and input.random_crop_padding "
+                       "are two random crops; set random_crop_padding=0.")
+    if not 0 < self.crop_pct <= 1:
+      raise ValueError(f"input.crop_pct must be in (0, 1], not {self.crop_pct}.")
+
+  @property
+  def augments_per_example(self) -> bool:
+    """Whether training images take the per-example uint8 path (PIL)."""
+    return self.inception_crop or self.randaugment_ops > 0
+
+  @property
+  def mixes(self) -> bool:
+    return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+  """uint8 [H, W, 1 or 3] -> a PIL image ('L' or 'RGB')."""
+  return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
 
 
 class Source(Protocol):
@@ -123,6 +202,9 @@ class Source(Protocol):
 
   def load(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(images float32 [n, H, W, C], labels int32 [n]) of examples `indices`."""
+
+  def load_raw(self, indices: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """(images uint8 [H_i, W_i, C] as stored, labels) for per-example augmentation."""
 
 
 class ArraySource:
@@ -137,6 +219,10 @@ class ArraySource:
 
   def load(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return self.images[indices], self.labels[indices]
+
+  def load_raw(self, indices: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """uint8 [H, W, C] images (from [0, 1] floats) for the per-example path."""
+    return list(preprocess.to_uint8(self.images[indices])), self.labels[indices]
 
 
 class _MappedSource:
@@ -163,12 +249,18 @@ class Dataset:
     num_classes: number of label classes.
     num_train, num_eval: examples in the train and eval splits.
     image_shape: (H, W, C) of the images in every batch.
+    bad_images_skipped: undecodable records skipped so far by this process
+      (input.skip_bad_images); batches built ahead of the trainer count too.
   """
 
   def __init__(self, name: str, *, train_source: Source, eval_source: Source,
                num_classes: int, image_size: int, input_config: InputConfig,
-               num_threads: int = 0):
-    """Sources' images: float32 [image_size, image_size, C] in [0, 1]."""
+               num_threads: int = 0, train_eval_source: Source | None = None):
+    """Sources' images: float32 [image_size, image_size, C] in [0, 1].
+
+    `train_eval_source` is the train split with the eval preprocessing (for
+    the unaugmented pass over it); by default `train_source`.
+    """
     self.name = name
     self.num_classes = num_classes
     self.num_train = len(train_source)
@@ -176,12 +268,26 @@ class Dataset:
     self.image_shape = (image_size, image_size, input_config.channels)
     self._input = input_config
     self._num_threads = num_threads
+    self._sources = [train_source, eval_source, train_eval_source]
     # Channels, padding and normalization commute with picking examples, so
     # they are applied before augmentation; in-memory splits get them once
     # here, which leaves only a crop and a flip per training batch.
+    self._train_raw = train_source
     self._train = self._prepared(train_source, input_config.random_crop_padding)
-    self._train_unaugmented = self._prepared(train_source, padding=0)
+    self._train_unaugmented = self._prepared(train_eval_source or train_source,
+                                             padding=0)
     self._eval = self._prepared(eval_source, padding=0)
+    mean = np.broadcast_to(input_config.mean, (input_config.channels,))
+    # RandAugment fills uncovered corners with the mean colour, as timm does.
+    self._fill = tuple(int(round(255 * value)) for value in mean)
+
+  @property
+  def bad_images_skipped(self) -> int:
+    bad = set()
+    for source in self._sources:
+      for index in getattr(source, "bad_indices", ()):
+        bad.add((getattr(source, "split", None), index))
+    return len(bad)
 
   def _prepared(self, source: Source, padding: int) -> Source:
     def prepare(images: np.ndarray) -> np.ndarray:
@@ -213,6 +319,51 @@ class Dataset:
     positions = step * batch_size + start + np.arange(local_batch_size)
     return positions, slice(start, start + local_batch_size)
 
+  def _augment_example(self, image: np.ndarray,
+                       rng: np.random.Generator) -> np.ndarray:
+    """uint8 [H, W, C] of any size -> augmented uint8 [S, S, channels]."""
+    config = self._input
+    size = self.image_shape[0]
+    image = preprocess.to_channels(image, config.channels)
+    image = preprocess.to_uint8(image)  # RGB -> gray gives floats.
+    height, width = image.shape[:2]
+    pil = _to_pil(image)
+    if config.inception_crop:
+      top, left, crop_height, crop_width = augment.inception_crop_box(
+          rng, height, width, config.inception_crop_scale,
+          config.inception_crop_ratio)
+    else:  # The largest centred square, as the unaugmented images.
+      crop_height = crop_width = min(height, width)
+      top, left = (height - crop_height) // 2, (width - crop_width) // 2
+    pil = pil.resize((size, size), _PIL_RESAMPLE[config.interpolation],
+                     box=(left, top, left + crop_width, top + crop_height))
+    padding = config.random_crop_padding
+    if padding:  # In pixel space here: pad_mode 'constant' pads black.
+      padded = preprocess.pad(
+          np.asarray(pil).reshape(1, size, size, config.channels), padding,
+          config.pad_mode)
+      offsets = rng.integers(0, 2 * padding + 1, size=(1, 2))
+      pil = _to_pil(preprocess.crop(padded, offsets, size)[0])
+    if config.flip and rng.random() < 0.5:
+      pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
+    if config.randaugment_ops:
+      pil = augment.rand_augment(
+          rng, pil, num_ops=config.randaugment_ops,
+          magnitude=config.randaugment_magnitude,
+          magnitude_std=config.randaugment_magnitude_std,
+          increasing=config.randaugment_increasing, fill=self._fill)
+    return np.asarray(pil).reshape(size, size, config.channels)
+
+  def _augmented_images(self, indices: np.ndarray, positions: np.ndarray,
+                        seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The per-example path: normalized float32 images and labels."""
+    raw_images, labels = self._train_raw.load_raw(indices)
+    images = np.stack([
+        self._augment_example(image, _rng(_EXAMPLE_STREAM, seed, position))
+        for image, position in zip(raw_images, positions)])
+    images = images.astype(np.float32) * np.float32(1 / 255)
+    return preprocess.normalize(images, self._input.mean, self._input.std), labels
+
   def train_batch(self, step: int, batch_size: int, *, seed: int,
                   process_index: int = 0, process_count: int = 1) -> Batch:
     """This host's slice of the global training batch number `step`."""
@@ -220,8 +371,40 @@ class Dataset:
         step, batch_size, process_index, process_count)
     indices = shuffled_indices(positions, seed=seed,
                                num_examples=self.num_train)
-    images, labels = self._train.load(indices)
+    if self._input.augments_per_example:
+      images, labels = self._augmented_images(indices, positions, seed)
+    else:
+      images, labels = self._train.load(indices)
+      images = self._crop_and_flip(images, step, batch_size, seed, host_slice)
+    return self._erase_and_mix(images, labels, step, positions, seed)
 
+  def _erase_and_mix(self, images: np.ndarray, labels: np.ndarray, step: int,
+                     positions: np.ndarray, seed: int) -> Batch:
+    """Random erasing per example, then Mixup / CutMix over the batch."""
+    config = self._input
+    if config.random_erasing_prob:
+      images = np.stack([
+          augment.random_erase(_rng(_ERASE_STREAM, seed, position), image,
+                               probability=config.random_erasing_prob,
+                               mode=config.random_erasing_mode)
+          for image, position in zip(images, positions)])
+    if config.mixes:
+      # One draw per global batch: every host mixes its slice alike.
+      rng = _rng(_MIX_STREAM, seed, step)
+      lam, use_cutmix = augment.mixup_parameters(
+          rng, mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
+          probability=config.mixup_prob,
+          switch_probability=config.mixup_switch_prob)
+      box = None
+      if use_cutmix:
+        box, lam = augment.cutmix_box(rng, lam, *self.image_shape[:2])
+      images, labels = augment.mix_batch(images, labels, self.num_classes,
+                                         lam=lam, box=box)
+    return {"image": images, "label": labels}
+
+  def _crop_and_flip(self, images: np.ndarray, step: int, batch_size: int,
+                     seed: int, host_slice: slice) -> np.ndarray:
+    """The float path's random translation and flip (the quickstart's)."""
     padding = self._input.random_crop_padding
     if padding or self._input.flip:
       # Drawn for the whole global batch, then sliced: an example gets the
@@ -234,7 +417,7 @@ class Dataset:
                                  self.image_shape[0])
       if self._input.flip:
         images = preprocess.flip(images, flips[host_slice])
-    return {"image": images, "label": labels}
+    return images
 
   def _split_source(self, split: str) -> tuple[Source, int]:
     if split == "eval":
@@ -308,38 +491,69 @@ class Dataset:
 
 def _digits_dataset(config: Any, input_config: InputConfig) -> Dataset:
   image_size = input_config.image_size or digits.IMAGE_SHAPE[0]
+  interpolation = input_config.interpolation
 
-  def source(split: str) -> ArraySource:
+  def source(split: str, crop_pct: float = 1.0) -> ArraySource:
     images, labels = digits.load_digits(split)
     # Resized once here rather than per batch: the whole split is ~20 MB.
-    return ArraySource(preprocess.resize(images, image_size), labels)
+    return ArraySource(preprocess.resize_shorter_side_and_center_crop(
+        images, image_size, crop_pct, interpolation), labels)
 
+  train_split = _get(config, "train_split") or "train"
+  crop_pct = input_config.crop_pct
   return Dataset(
       "digits",
-      train_source=source(_get(config, "train_split") or "train"),
-      eval_source=source(_get(config, "eval_split") or "test"),
+      train_source=source(train_split),
+      eval_source=source(_get(config, "eval_split") or "test", crop_pct),
+      train_eval_source=source(train_split, crop_pct) if crop_pct < 1 else None,
       num_classes=digits.NUM_CLASSES, image_size=image_size,
       input_config=input_config, num_threads=input_config.num_threads or 0)
 
 
 def _tfds_dataset(name: str, config: Any, input_config: InputConfig) -> Dataset:
   data_dir = _get(config, "data_dir")
-  keys = dict(image_key=input_config.image_key,
-              label_key=input_config.label_key)
+  options = dict(image_key=input_config.image_key,
+                 label_key=input_config.label_key,
+                 interpolation=input_config.interpolation,
+                 skip_bad_images=input_config.skip_bad_images)
   train = tfds_data.TfdsSplit(
       name, _get(config, "train_split") or "train", data_dir=data_dir,
-      image_size=input_config.image_size, **keys)
+      image_size=input_config.image_size, **options)
   eval_split = tfds_data.TfdsSplit(
       name, _get(config, "eval_split") or "test", data_dir=data_dir,
-      image_size=train.image_size, **keys)
+      image_size=train.image_size, crop_pct=input_config.crop_pct, **options)
   num_threads = input_config.num_threads
   if num_threads is None:
     num_threads = min(8, os.cpu_count() or 1)
   return Dataset(
       name, train_source=train, eval_source=eval_split,
+      train_eval_source=train.resized(input_config.crop_pct,
+                                      input_config.interpolation),
       num_classes=train.num_classes,
       image_size=train.image_size, input_config=input_config,
       num_threads=num_threads)
+
+
+def _with_model_preprocessing(input_config: InputConfig,
+                              config: Any) -> InputConfig:
+  """input.preprocess_from_model: mean, std, crop_pct, interpolation of a weight."""
+  choice = input_config.preprocess_from_model
+  if not choice:
+    return input_config
+  from vitjax import models  # pylint: disable=g-import-not-at-top
+  name = choice if isinstance(choice, str) else _get(_get(config, "model"),
+                                                     "name")
+  try:
+    entry = models.model_entry(name)
+  except models.UnknownModelError as error:
+    raise ValueError(
+        f"input.preprocess_from_model takes the preprocessing of a registered "
+        f"pretrained model, and {name!r} is not one ({error}) Set it to a name "
+        "such as 'vit_base_patch16_224', or set input.mean, input.std and "
+        "input.crop_pct yourself.") from None
+  return dataclasses.replace(
+      input_config, mean=entry.mean, std=entry.std, crop_pct=entry.crop_pct,
+      interpolation=entry.interpolation)
 
 
 def get_dataset(config: Any) -> Dataset:
@@ -351,6 +565,7 @@ def get_dataset(config: Any) -> Dataset:
   """
   name = _get(config, "dataset") or "digits"
   input_config = InputConfig.from_config(_get(config, "input"))
+  input_config = _with_model_preprocessing(input_config, config)
   if name == "digits":
     return _digits_dataset(config, input_config)
   return _tfds_dataset(name, config, input_config)

@@ -7,6 +7,7 @@ from it up front; the pipeline instead calls the deterministic halves
 (`crop`, `flip`) with parameters it derives from (seed, step).
 """
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,27 +17,47 @@ from numpy.lib.stride_tricks import sliding_window_view
 _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)
 
 
-def _interpolation_matrix(input_size: int, output_size: int) -> np.ndarray:
-  """[output_size, input_size] weights of a 1-D bilinear resize.
+INTERPOLATIONS = ("bilinear", "bicubic")
 
-  Pixel centers sit at half-integers. When downscaling, the triangle kernel is
+
+def _cubic(distance: np.ndarray, a: float = -0.5) -> np.ndarray:
+  """Keys' cubic convolution kernel; a = -0.5 as in PIL (support 2)."""
+  distance = np.abs(distance)
+  near = ((a + 2) * distance - (a + 3)) * distance**2 + 1
+  far = ((a * distance - 5 * a) * distance + 8 * a) * distance - 4 * a
+  return np.where(distance <= 1, near, np.where(distance < 2, far, 0.0))
+
+
+def _interpolation_matrix(input_size: int, output_size: int,
+                          interpolation: str = "bilinear") -> np.ndarray:
+  """[output_size, input_size] weights of a 1-D bilinear or bicubic resize.
+
+  Pixel centers sit at half-integers. When downscaling, the kernel is
   stretched by the scale factor so that every input pixel contributes
-  (antialiasing); when upscaling this is plain bilinear interpolation. Rows are
-  normalized, so edge pixels are not darkened. This is the same resampling as
-  `jax.image.resize(method='linear', antialias=True)`.
+  (antialiasing); when upscaling this is plain interpolation. Rows are
+  normalized, so edge pixels are not darkened. Bilinear is the same resampling
+  as `jax.image.resize(method='linear', antialias=True)`, bicubic the same as
+  PIL's `Image.resize(..., Image.BICUBIC)` on float images.
   """
+  if interpolation not in INTERPOLATIONS:
+    raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, not "
+                     f"{interpolation!r}.")
   scale = output_size / input_size
   kernel_width = max(1.0 / scale, 1.0)
   # Position of each output pixel center in input pixel coordinates.
   sample = (np.arange(output_size) + 0.5) / scale - 0.5
   distance = np.abs(sample[:, None] - np.arange(input_size)[None, :])
-  weights = np.maximum(0.0, 1.0 - distance / kernel_width)
+  if interpolation == "bilinear":
+    weights = np.maximum(0.0, 1.0 - distance / kernel_width)
+  else:
+    weights = _cubic(distance / kernel_width)
   weights /= weights.sum(axis=1, keepdims=True)
   return weights.astype(np.float32)
 
 
-def resize(images: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-  """Bilinear resize of [N, H, W, C] to float32 [N, size, size, C].
+def resize(images: np.ndarray, size: int | tuple[int, int],
+           interpolation: str = "bilinear") -> np.ndarray:
+  """Bilinear (or bicubic) resize of [N, H, W, C] to float32 [N, size, size, C].
 
   `size` may also be a (height, width) pair.
 
@@ -48,25 +69,32 @@ def resize(images: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
   _, input_height, input_width, _ = images.shape
   if (input_height, input_width) == (height, width):
     return images
-  rows = _interpolation_matrix(input_height, height)
-  columns = _interpolation_matrix(input_width, width)
+  rows = _interpolation_matrix(input_height, height, interpolation)
+  columns = _interpolation_matrix(input_width, width, interpolation)
   # [H_out, H_in] @ [N, H_in, W_in, C] over H, then [W_out, W_in] over W.
   images = np.einsum("oh,nhwc->nowc", rows, images, optimize=True)
   return np.matmul(columns, images)
 
 
-def resize_shorter_side_and_center_crop(images: np.ndarray,
-                                        size: int) -> np.ndarray:
-  """[N, H, W, C] -> [N, size, size, C]: shorter side to `size`, middle crop.
+def resize_shorter_side_and_center_crop(
+    images: np.ndarray, size: int, crop_pct: float = 1.0,
+    interpolation: str = "bilinear") -> np.ndarray:
+  """[N, H, W, C] -> [N, size, size, C]: evaluation preprocessing.
 
-  For datasets whose images differ in size and aspect ratio (ImageNet); square
-  images are simply resized.
+  The shorter side is resized to floor(size / crop_pct), then the middle
+  [size, size] is cropped out: timm's eval transform, so that a published
+  weight's crop_pct (0.875 for DeiT, 0.9 for AugReg ViTs) reproduces its
+  accuracy. With crop_pct 1 square images are simply resized.
   """
+  if not 0 < crop_pct <= 1:
+    raise ValueError(f"crop_pct must be in (0, 1], not {crop_pct}.")
   height, width = images.shape[1:3]
-  scale = size / min(height, width)
-  new_height = max(size, round(height * scale))
-  new_width = max(size, round(width * scale))
-  images = resize(images, (new_height, new_width))
+  # The epsilon keeps e.g. 224 / 0.875 = 256 from flooring to 255.
+  scale_size = max(size, math.floor(size / crop_pct + 1e-6))
+  scale = scale_size / min(height, width)
+  new_height = max(scale_size, round(height * scale))
+  new_width = max(scale_size, round(width * scale))
+  images = resize(images, (new_height, new_width), interpolation)
   top = (new_height - size) // 2
   left = (new_width - size) // 2
   return images[:, top:top + size, left:left + size]
@@ -147,6 +175,18 @@ def normalize(images: np.ndarray, mean: Sequence[float],
   rows = images.reshape(-1, width * channels)
   rows = (rows - np.tile(mean, width)) * np.tile(scale, width)
   return rows.reshape(images.shape)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+  """A decoded image as uint8 [H, W, C]: floats in [0, 1] and wider integers scaled."""
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.dtype == np.uint8:
+    return image
+  if np.issubdtype(image.dtype, np.integer):
+    image = image.astype(np.float32) / np.iinfo(image.dtype).max
+  return np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
 
 
 def to_channels(images: np.ndarray, channels: int) -> np.ndarray:

@@ -7,8 +7,10 @@ step directly (deterministic, resumable input). Preparing a dataset is a
 separate, one-off step; see `DatasetNotPreparedError`.
 """
 
+import copy
 import difflib
 import os
+import threading
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -22,6 +24,10 @@ class DatasetNotPreparedError(RuntimeError):
 
 class UnknownDatasetError(ValueError):
   """No dataset of that name: neither 'digits' nor a registered TFDS builder."""
+
+
+class BadImageError(RuntimeError):
+  """A record whose image cannot be decoded (and skip_bad_images is off)."""
 
 
 def _data_dir_for_humans(data_dir: str | None) -> str:
@@ -71,14 +77,18 @@ class TfdsSplit:
 
   Attributes:
     name: the TFDS name.
+    split: the split as given, e.g. 'train[:90%]'.
     num_classes: from the label feature's ClassLabel.
     image_size: side of the images that `load` returns.
     channels: channels of the dataset's images (1 for MNIST, 3 for CIFAR).
+    bad_indices: records found undecodable and skipped (skip_bad_images);
+      shared with the copies that `resized` makes.
   """
 
   def __init__(self, name: str, split: str, *, data_dir: str | None,
                image_size: int | None, image_key: str = "image",
-               label_key: str = "label"):
+               label_key: str = "label", crop_pct: float = 1.0,
+               interpolation: str = "bilinear", skip_bad_images: bool = False):
     builder = _builder(name, data_dir)
     try:
       self._source = tfds.data_source(name, split=split, data_dir=data_dir,
@@ -106,6 +116,12 @@ class TfdsSplit:
                          "config.input.image_size.")
       image_size = min(image_shape[:2])
     self.name = name
+    self.split = split
+    self.crop_pct = crop_pct
+    self.interpolation = interpolation
+    self.skip_bad_images = skip_bad_images
+    self.bad_indices = set()
+    self._bad_indices_lock = threading.Lock()
     self.num_classes = features[label_key].num_classes
     self.image_size = image_size
     self.channels = image_shape[-1] if len(image_shape) == 3 else 1
@@ -123,19 +139,61 @@ class TfdsSplit:
       return image.astype(np.float32) / np.iinfo(image.dtype).max
     return image.astype(np.float32, copy=False)
 
+  def resized(self, crop_pct: float, interpolation: str) -> "TfdsSplit":
+    """The same records, loaded with another crop_pct and interpolation."""
+    split = copy.copy(self)  # Shares the open files and the bad-record set.
+    split.crop_pct, split.interpolation = crop_pct, interpolation
+    return split
+
   def _fit(self, images: np.ndarray) -> np.ndarray:
     """[n, H, W, C] -> [n, image_size, image_size, C]."""
-    if images.shape[1:3] == (self.image_size, self.image_size):
+    if (images.shape[1:3] == (self.image_size, self.image_size)
+        and self.crop_pct == 1):
       return images
-    return preprocess.resize_shorter_side_and_center_crop(images,
-                                                          self.image_size)
+    return preprocess.resize_shorter_side_and_center_crop(
+        images, self.image_size, self.crop_pct, self.interpolation)
+
+  def _read_record(self, index: int) -> dict | None:
+    """The decoded example, or None if it is bad and bad images are skipped."""
+    try:
+      return self._source[index]
+    except Exception as error:  # pylint: disable=broad-except
+      # PIL alone raises OSError, SyntaxError or ValueError on bad bytes.
+      if not self.skip_bad_images:
+        raise BadImageError(
+            f"Cannot decode record {index} of TFDS dataset {self.name!r}, "
+            f"split {self.split!r}: {type(error).__name__}: {error}. Set "
+            "config.input.skip_bad_images=True to skip undecodable records "
+            "(each is replaced by the next readable one and counted in "
+            "dataset.bad_images_skipped).") from error
+      with self._bad_indices_lock:
+        self.bad_indices.add(index)
+      return None
+
+  def _read(self, index: int) -> dict:
+    """Record `index`, or with skip_bad_images the next readable one after it."""
+    for offset in range(len(self)):
+      example = self._read_record((index + offset) % len(self))
+      if example is not None:
+        return example
+    raise BadImageError(f"No record of TFDS dataset {self.name!r}, split "
+                        f"{self.split!r} can be decoded.")
+
+  def load_raw(self, indices: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Decoded images as they are stored (uint8 [H, W, C], sizes vary), labels."""
+    examples = [self._read(int(index)) for index in indices]
+    labels = np.asarray([example[self._label_key] for example in examples],
+                        np.int32)
+    images = [preprocess.to_uint8(example[self._image_key])
+              for example in examples]
+    return images, labels
 
   def load(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Reads and decodes: (float32 [n, S, S, C] in [0, 1], int32 labels [n])."""
     # One record at a time: batched `__getitems__` would be faster on real
     # files but is broken under tfds.testing.mock_data, which the tests use.
     # The pipeline reads several batches in parallel threads instead.
-    examples = [self._source[int(index)] for index in indices]
+    examples = [self._read(int(index)) for index in indices]
     labels = np.asarray([example[self._label_key] for example in examples],
                         np.int32)
     images = [self._to_float(example[self._image_key]) for example in examples]
