@@ -85,7 +85,11 @@ def _solarize_add(image: Image.Image, add: int, threshold: int = 128):
 
 
 def _posterize(image: Image.Image, bits: int) -> Image.Image:
-  return image if bits >= 8 else ImageOps.posterize(image, bits)
+  """Keeps the `bits` high bits; 0 bits (timm's level < 2.5) is black."""
+  if bits >= 8:
+    return image
+  mask = (0xFF << (8 - bits)) & 0xFF  # PIL's posterize refuses 0 bits.
+  return image.point(lambda value: value & mask)
 
 
 def _enhance(enhancer) -> Callable:
