@@ -4,6 +4,7 @@ Everything runs offline: digits ship with scikit-learn, TFDS datasets are
 mocked (tfds.testing.mock_data) or built here from a few generated images.
 """
 
+import io
 import time
 
 import jax
@@ -382,3 +383,114 @@ def test_tfds_array_record_files_without_tensorflow(tmp_path):
   (eval_batch,) = dataset.eval_iter(16)
   eval_values = values(eval_batch)[eval_batch["mask"]]
   assert sorted(eval_values) == list(range(101, 111))
+
+
+# Bad records: a clear error naming the record, or skipped and counted.
+
+
+class VitjaxTestCorrupt(tfds.core.GeneratorBasedBuilder):
+  """Eight 6x6 RGB PNGs (image i is the constant 10 * i); example 3's bytes are junk."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "label": tfds.features.ClassLabel(num_classes=8),
+        }))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for value in range(8):
+      if value == 3:  # Stored as-is: the PNG header, then garbage.
+        image = io.BytesIO(b"\x89PNG\r\n\x1a\n not an image")
+      else:
+        image = Image.fromarray(np.full((6, 6, 3), 10 * value, np.uint8))
+      yield value, {"image": image, "label": value}
+
+
+@pytest.fixture(scope="module")
+def corrupt_data_dir(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp("corrupt"))
+  VitjaxTestCorrupt(data_dir=data_dir, file_format="array_record"
+                    ).download_and_prepare()
+  return data_dir
+
+
+def corrupt_config(data_dir, **input_overrides):
+  config = make_config("vitjax_test_corrupt", image_size=6, random_crop_padding=0,
+                       flip=False, **input_overrides)
+  config.data_dir = data_dir
+  config.eval_split = "train"
+  return config
+
+
+@pytest.mark.parametrize("inception_crop", [False, True])
+def test_bad_image_error_names_dataset_split_and_record(corrupt_data_dir,
+                                                        inception_crop):
+  dataset = data.get_dataset(corrupt_config(corrupt_data_dir,
+                                            inception_crop=inception_crop))
+  with pytest.raises(data.BadImageError) as error:
+    dataset.train_batch(0, 8, seed=0)  # One epoch: every record.
+  message = str(error.value)
+  assert "'vitjax_test_corrupt'" in message and "split 'train'" in message
+  assert "skip_bad_images=True" in message
+  record = int(message.split("record ")[1].split(" ")[0])
+  source = tfds.data_source("vitjax_test_corrupt", split="train",
+                            data_dir=corrupt_data_dir, download=False)
+  assert source[(record + 1) % 8]["label"] >= 0  # Its neighbour reads fine.
+  with pytest.raises(Exception):
+    source[record]  # pylint: disable=pointless-statement
+
+
+def test_bad_images_are_skipped_and_counted(corrupt_data_dir):
+  dataset = data.get_dataset(corrupt_config(corrupt_data_dir,
+                                            skip_bad_images=True))
+  assert dataset.bad_images_skipped == 0
+  batch = dataset.train_batch(0, 8, seed=0)
+  assert dataset.bad_images_skipped == 1
+  # Label 3 (the corrupt one) is replaced by the record after it, every time.
+  assert 3 not in batch["label"] and len(set(batch["label"])) == 7
+  images = (batch["image"] * 0.5 + 0.5) * 255  # Back from [-1, 1].
+  np.testing.assert_allclose(images.mean(axis=(1, 2, 3)), 10 * batch["label"],
+                             atol=0.01)
+  assert_batches_equal([dataset.train_batch(0, 8, seed=0)], [batch])
+  eval_labels = np.concatenate([b["label"] for b in dataset.eval_iter(8)])
+  assert 3 not in eval_labels
+  assert dataset.bad_images_skipped == 1  # The same record, counted once.
+
+
+# Configs for real datasets: their pipelines on tfds.testing.mock_data.
+
+
+@pytest.mark.parametrize("spec", [
+    "configs/imagenet.py", "configs/finetune.py:dataset=cifar10",
+    "configs/finetune.py:dataset=cifar100", "configs/finetune.py:dataset=pets",
+    "configs/finetune.py:dataset=flowers102"])
+def test_dataset_configs_on_mock_data(spec):
+  from vitjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config(spec)
+  # Full resolution, tiny batches: every key the pipeline reads is exercised.
+  config.input.num_threads = 0
+  with tfds.testing.mock_data(num_examples=12):
+    dataset = data.get_dataset(config)
+    assert dataset.num_classes == config.model.num_classes
+    size = config.input.image_size
+    assert dataset.image_shape == (size, size, 3)
+    stream = take(dataset.train_iter(4, seed=0), 2)
+    assert_batches_equal([dataset.train_batch(1, 4, seed=0)], stream[1:])
+    for batch in stream:
+      assert batch["image"].shape == (4, size, size, 3)
+      assert np.isfinite(batch["image"]).all()
+      if config.input.mixup_alpha or config.input.cutmix_alpha:
+        assert batch["label"].shape == (4, dataset.num_classes)
+      else:
+        assert batch["label"].shape == (4,)
+    eval_batch = next(dataset.eval_iter(4))
+    assert eval_batch["image"].shape == (4, size, size, 3)
+    assert eval_batch["label"].dtype == np.int32
