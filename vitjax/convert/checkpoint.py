@@ -9,13 +9,14 @@ layout loads into a model of either.
 """
 
 import math
+import os
 
 import flax.linen
 from flax import traverse_util
 import jax
 import numpy as np
 
-from vitjax.convert import big_vision, files, mismatch, mixer, pytorch, swin
+from vitjax.convert import big_vision, files, mae, mismatch, mixer, pytorch, swin
 from vitjax.convert.files import CheckpointError
 from vitjax.models import dummy_input, param_shapes
 from vitjax.models.swin import SwinTransformer
@@ -37,9 +38,12 @@ def load_weights(model, path, *, head="error", rng=0):
   """Parameters for `model` from a big_vision/AugReg .npz, timm or HF transformers file.
 
   Args:
-    model: a vitjax ViT (e.g. from `vitjax.create_model`).
-    path: an .npz, .safetensors, .pth/.pt/.bin file, or a Hugging Face model
-      directory. The format is told from the names inside, not the file name.
+    model: a vitjax ViT (e.g. from `vitjax.create_model`), or a MAE / SimMIM
+      (Hugging Face ViTMAE state dicts: vitjax.convert.mae). A ViT given a MAE or
+      SimMIM checkpoint takes its encoder: fine-tuning after pre-training.
+    path: an .npz, .safetensors, .pth/.pt/.bin file, a Hugging Face model
+      directory, or a vitjax training workdir (its latest checkpoint). The format
+      is told from the names inside, not the file name.
     head: 'error' (default) raises if the classifier does not fit the model;
       'reinit' drops the checkpoint's `head`/`head_dist` (and a `pre_logits` that
       does not fit) and takes freshly initialised ones: fine-tuning on new classes.
@@ -62,7 +66,10 @@ def load_weights(model, path, *, head="error", rng=0):
     raise ValueError(f"head={head!r}: use 'error' or 'reinit'.")
   if isinstance(model, SwinTransformer):  # Its own names and stages: vitjax.convert.swin.
     return swin.load_swin_weights(model, path, head=head, rng=rng)
-  arrays, container = files.read_arrays(path)
+  arrays, container = _read_arrays(path)
+  if mae.is_masked_model(model):  # MAE / SimMIM: vitjax.convert.mae.
+    return mae.load_masked_weights(model, arrays, path, head=head, rng=rng)
+  arrays = mae.encoder_arrays(arrays)  # A pre-trained MAE / SimMIM's encoder, for fine-tuning.
   layout, params = _to_vitjax_names(arrays, model, path, container)
   template = traverse_util.flatten_dict(param_shapes(model), sep="/")
   scanned = big_vision.is_scanned(template)
@@ -146,6 +153,14 @@ def hf_config(model):
 
 
 # --- Loading -------------------------------------------------------------------------------
+
+def _read_arrays(path):
+  """files.read_arrays, or the latest parameters of a training workdir (vitjax.train)."""
+  if os.path.isdir(os.path.join(os.path.expanduser(os.fspath(path)), "checkpoints")):
+    from vitjax.train import checkpoints  # pylint: disable=g-import-not-at-top
+    params = traverse_util.flatten_dict(checkpoints.load_params(path), sep="/")
+    return {name: np.asarray(value) for name, value in params.items()}, "training checkpoint"
+  return files.read_arrays(path)
 
 def _detect_layout(arrays, path, container):
   """(layout name, wrapper prefix), from where a known parameter name sits."""

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vitjax.models import mae
 from vitjax.models import mixer
 from vitjax.models import swin
 from vitjax.models import vit
@@ -46,7 +47,9 @@ _REGISTRY: Dict[str, ModelEntry] = {}
 # Families built from a `variant` string, big_vision style: name -> (module, decoder).
 _FAMILIES = {"vit": (vit.VisionTransformer, vit.decode_variant),
              "deit": (vit.VisionTransformer, vit.decode_variant),
-             "mixer": (mixer.MlpMixer, mixer.decode_variant)}
+             "mixer": (mixer.MlpMixer, mixer.decode_variant),
+             "mae": (mae.MaskedAutoencoder, vit.decode_variant),
+             "simmim": (mae.SimMIM, vit.decode_variant)}
 
 
 def register(name, module, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, paper="", crop_pct=None,
@@ -178,3 +181,4 @@ def _register_mixers():
 _register_vits()
 _register_mixers()
 swin.register_swins(register, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+mae.register_models(register)
