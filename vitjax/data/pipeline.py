@@ -361,8 +361,10 @@ class Dataset:
     images = np.stack([
         self._augment_example(image, _rng(_EXAMPLE_STREAM, seed, position))
         for image, position in zip(raw_images, positions)])
-    images = images.astype(np.float32) * np.float32(1 / 255)
-    return preprocess.normalize(images, self._input.mean, self._input.std), labels
+    # (x / 255 - mean) / std in one pass over the batch.
+    return preprocess.normalize(images.astype(np.float32),
+                                255 * np.asarray(self._input.mean),
+                                255 * np.asarray(self._input.std)), labels
 
   def train_batch(self, step: int, batch_size: int, *, seed: int,
                   process_index: int = 0, process_count: int = 1) -> Batch:
