@@ -7,8 +7,8 @@ $TFDS_DATA_DIR/downloads/manual/, then
 
     tfds build imagenet2012 --data_dir $TFDS_DATA_DIR --file_format array_record
 
-Train (DeiT: 300 epochs at batch 1024; about 1,250 images/s of input are needed to
-keep 8 A100s busy, see BENCHMARKS.md "Input pipeline"):
+Train (DeiT: 300 epochs at batch 1024; DeiT-B's 53 hours on 8 V100s is about 2,000
+images/s of input, see BENCHMARKS.md "Input pipeline" for what the pipeline gives):
 
     python -m vitjax.train --config configs/imagenet.py --workdir workdirs/deit_s \
         --config.data_dir=$TFDS_DATA_DIR
