@@ -550,7 +550,7 @@ def _with_model_preprocessing(input_config: InputConfig,
   except models.UnknownModelError as error:
     raise ValueError(
         f"input.preprocess_from_model takes the preprocessing of a registered "
-        f"pretrained model, and {name!r} is not one ({error}) Set it to a name "
+        f"pretrained model, and {name!r} is not one ({error}). Set it to a name "
         "such as 'vit_base_patch16_224', or set input.mean, input.std and "
         "input.crop_pct yourself.") from None
   return dataclasses.replace(
