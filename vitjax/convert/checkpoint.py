@@ -20,6 +20,7 @@ from vitjax.convert import big_vision, files, mae, mismatch, mixer, pytorch, swi
 from vitjax.convert.files import CheckpointError
 from vitjax.models import dummy_input, param_shapes
 from vitjax.models.swin import SwinTransformer
+from vitjax.models.two_towers import TwoTowers
 from vitjax.models.posemb import resize_posemb
 
 HEAD_NAMES = ("head", "head_dist", "pre_logits")
@@ -66,6 +67,9 @@ def load_weights(model, path, *, head="error", rng=0):
     raise ValueError(f"head={head!r}: use 'error' or 'reinit'.")
   if isinstance(model, SwinTransformer):  # Its own names and stages: vitjax.convert.swin.
     return swin.load_swin_weights(model, path, head=head, rng=rng)
+  if isinstance(model, TwoTowers):  # CLIP / SigLIP / LiT, or one tower: vitjax.convert.clip.
+    from vitjax.convert import clip  # pylint: disable=g-import-not-at-top
+    return clip.load_two_towers(model, path, head=head, rng=rng)
   arrays, container = _read_arrays(path)
   if mae.is_masked_model(model):  # MAE / SimMIM: vitjax.convert.mae.
     return mae.load_masked_weights(model, arrays, path, head=head, rng=rng)
@@ -162,6 +166,7 @@ def _read_arrays(path):
     return {name: np.asarray(value) for name, value in params.items()}, "training checkpoint"
   return files.read_arrays(path)
 
+
 def _detect_layout(arrays, path, container):
   """(layout name, wrapper prefix), from where a known parameter name sits."""
   for layout, anchor in _LAYOUTS:
@@ -198,6 +203,8 @@ def _to_vitjax_names(arrays, model, path, container):
   # 'vit.' / 'deit.' / DDP's 'module.': HF classification heads sit outside the prefix.
   arrays = {name[len(prefix):] if name.startswith(prefix) else name: v
             for name, v in arrays.items()}
+  if layout != "timm":
+    arrays = {name: v for name, v in arrays.items() if name not in pytorch.HF_UNUSED}
   table = pytorch.TIMM if layout == "timm" else pytorch.HF_IMPORT
   return layout, pytorch.to_vitjax(arrays, table, model.num_heads)
 
@@ -223,7 +230,8 @@ def _fit_posemb(params, model, template):
   if (posemb.shape != target and posemb.shape[2] == target[2]
       and num_prefix == model.num_prefix_tokens and _is_square(posemb.shape[1] - num_prefix)):
     side = math.isqrt(target[1] - num_prefix)
-    posemb = np.asarray(resize_posemb(np.asarray(posemb, np.float32), (side, side), num_prefix))
+    posemb = np.asarray(resize_posemb(np.asarray(posemb, np.float32), (side, side), num_prefix,
+                                      getattr(model, "posemb_resize", "bilinear")))
   params["pos_embedding"] = posemb
   return params
 

@@ -22,13 +22,18 @@ TIMM = [
     ("patch_embed.proj", "embedding", "conv"),
     ("cls_token", "cls", "param"),
     ("dist_token", "dist", "param"),
+    ("reg_token", "reg", "param"),  # vit_*_reg4_*: registers after the class token, as here.
+    # With or without the prefix tokens' entries (timm's no_embed_class): load_weights
+    # tells them apart by length.
     ("pos_embed", "pos_embedding", "param"),
     ("blocks.{i}.norm1", _BLOCK + "/LayerNorm_0", "norm"),
     ("blocks.{i}.attn.qkv", _ATTN, "fused_qkv"),
     ("blocks.{i}.attn.proj", _ATTN + "/out", "out"),
+    ("blocks.{i}.ls1.gamma", _BLOCK + "/LayerScale_0/scale", "param"),
     ("blocks.{i}.norm2", _BLOCK + "/LayerNorm_1", "norm"),
     ("blocks.{i}.mlp.fc1", _BLOCK + "/MlpBlock_0/Dense_0", "dense"),
     ("blocks.{i}.mlp.fc2", _BLOCK + "/MlpBlock_0/Dense_1", "dense"),
+    ("blocks.{i}.ls2.gamma", _BLOCK + "/LayerScale_1/scale", "param"),
     ("norm", "Transformer/encoder_norm", "norm"),
     # timm's attention pooling (AttentionPoolLatent) is big_vision's MAP head.
     ("attn_pool.latent", _MAP + "/probe", "param"),
@@ -77,8 +82,26 @@ _HF_NEW_NAMES = [
     ("layers.{i}.mlp.fc1", _BLOCK + "/MlpBlock_0/Dense_0", "dense"),
     ("layers.{i}.mlp.fc2", _BLOCK + "/MlpBlock_0/Dense_1", "dense"),
 ]
+# DINOv2 (Dinov2Model, Dinov2WithRegistersModel): the ViT names above for the embeddings
+# and the final norm, its own block names (hub names, then transformers >= 5 in memory).
+_DINO_BLOCK = "encoder.layer.{i}."
+HF_DINOV2 = [
+    ("embeddings.register_tokens", "reg", "param"),
+    (_DINO_BLOCK + "norm1", _BLOCK + "/LayerNorm_0", "norm"),
+    (_DINO_BLOCK + "layer_scale1.lambda1", _BLOCK + "/LayerScale_0/scale", "param"),
+    (_DINO_BLOCK + "norm2", _BLOCK + "/LayerNorm_1", "norm"),
+    (_DINO_BLOCK + "mlp.fc1", _BLOCK + "/MlpBlock_0/Dense_0", "dense"),
+    (_DINO_BLOCK + "mlp.fc2", _BLOCK + "/MlpBlock_0/Dense_1", "dense"),
+    (_DINO_BLOCK + "layer_scale2.lambda1", _BLOCK + "/LayerScale_1/scale", "param"),
+    (_DINO_BLOCK + "attention.q_proj", _ATTN + "/query", "qkv"),
+    (_DINO_BLOCK + "attention.k_proj", _ATTN + "/key", "qkv"),
+    (_DINO_BLOCK + "attention.v_proj", _ATTN + "/value", "qkv"),
+    (_DINO_BLOCK + "attention.o_proj", _ATTN + "/out", "out"),
+]
+# Only used to replace masked patches in DINOv2's self-supervised training.
+HF_UNUSED = ("embeddings.mask_token",)
 # DeiTForImageClassification: one head on the class token, named like ViT's.
-HF_IMPORT = HF + _HF_NEW_NAMES + HF_HEADS["vit"] + HF_HEADS["deit"]
+HF_IMPORT = HF + _HF_NEW_NAMES + HF_DINOV2 + HF_HEADS["vit"] + HF_HEADS["deit"]
 
 
 # --- Tensor transforms, one pair per kind -------------------------------------------------

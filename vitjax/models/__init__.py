@@ -16,12 +16,15 @@ import jax.numpy as jnp
 from vitjax.models import mae
 from vitjax.models import mixer
 from vitjax.models import swin
+from vitjax.models import two_towers
 from vitjax.models import vit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's preprocessing.
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class UnknownModelError(ValueError):
@@ -169,6 +172,19 @@ def _register_vits():
                  **vit.decode_variant(f"{size}/16"))
 
 
+def _register_illamas():
+  paper = "Adapting LLaMA Decoder to Vision Transformer (Wang et al., 2024)"
+  # The SwiGLU width is 2/3 of ViT's 4x MLP, rounded up to a multiple of 256 (LLaMA's
+  # rule, as in the authors' code): 512, 1024, 2048, 2816.
+  for size_name, size, mlp_dim in (("tiny", "Ti", 512), ("small", "S", 1024),
+                                   ("base", "B", 2048), ("large", "L", 2816)):
+    config = {**vit.decode_variant(f"{size}/16"), "mlp_dim": mlp_dim}
+    for resolution in (224, 384):
+      register(f"illama_{size_name}_patch16_{resolution}", vit.VisionTransformer, paper=paper,
+               image_size=resolution, norm="rmsnorm", mlp="swiglu", mlp_use_bias=False,
+               causal=True, class_token_position="last", rope="1d", **config)
+
+
 def _register_mixers():
   paper = "MLP-Mixer: An all-MLP Architecture for Vision (Tolstikhin et al., 2021)"
   for size in ("s", "b", "l"):
@@ -179,6 +195,9 @@ def _register_mixers():
 
 
 _register_vits()
+_register_illamas()
 _register_mixers()
 swin.register_swins(register, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+two_towers.register_two_towers(register, clip_mean=CLIP_MEAN, clip_std=CLIP_STD,
+                                siglip_mean=INCEPTION_MEAN, siglip_std=INCEPTION_STD)
 mae.register_models(register)

@@ -24,7 +24,7 @@ class MultiHeadDotProductAttention(nn.Module):
   dropout: float = 0.0  # On the attention weights; only the 'xla' implementation has them.
   use_bias: bool = True
   qk_norm: bool = False  # ViT-22B: LayerNorm over head_dim on queries and keys.
-  rope: Optional[str] = None  # 2-D rotary embeddings of q and k: 'axial' or 'mixed'.
+  rope: Optional[str] = None  # Rotary embeddings of q and k: 'axial', 'mixed' (2-D) or '1d'.
   rope_theta: float = 100.0
   attention_impl: Optional[str] = None
   dtype: Dtype = jnp.float32
@@ -74,13 +74,15 @@ class MultiHeadDotProductAttention(nn.Module):
     xy, rotated = positions
     if self.rope == "axial":
       frequencies = jnp.asarray(posemb.rope_axial_frequencies(head_dim, self.rope_theta))
+    elif self.rope == "1d":  # LLaMA's, over the token index (iLLaMA); its own theta, 10000.
+      frequencies = jnp.asarray(posemb.rope_1d_frequencies(head_dim))
     elif self.rope == "mixed":  # Learned per head and per layer.
       frequencies = self.param(
           "rope_frequencies", logical(lambda rng, *_: posemb.rope_mixed_init(
               rng, self.num_heads, head_dim), "heads", None, None),
           (self.num_heads, head_dim // 2, 2), jnp.float32)
     else:
-      raise ValueError(f"Unknown rope {self.rope!r}; use 'axial' or 'mixed'.")
+      raise ValueError(f"Unknown rope {self.rope!r}; use 'axial', 'mixed' or '1d'.")
     angles = posemb.rope_angles(xy, frequencies)
     return posemb.apply_rope(q, angles, rotated), posemb.apply_rope(k, angles, rotated)
 

@@ -1,4 +1,4 @@
-"""Building blocks shared by the model families: MLP, stochastic depth, MAP head."""
+"""Building blocks shared by the model families: norms, MLPs, stochastic depth, MAP head."""
 
 from typing import Any, Optional
 
@@ -19,6 +19,34 @@ def layer_norm(name, epsilon, dtype, param_dtype, use_bias=True, axis_name="embe
                       bias_init=logical(nn.initializers.zeros, axis_name))
 
 
+class RMSNorm(nn.Module):
+  """Root-mean-square norm (Zhang & Sennrich 2019; LLaMA): x / rms(x) * scale, no centring.
+
+  The statistics are taken in float32 whatever the activation dtype, as LLaMA does.
+  """
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", logical(nn.initializers.ones, self.axis_name), (x.shape[-1],),
+                       self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+    return normed.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def norm_layer(kind, name, epsilon, dtype, param_dtype, use_bias=True):
+  """A 'layernorm' or 'rmsnorm' (which has no bias) module named `name`."""
+  if kind == "layernorm":
+    return layer_norm(name, epsilon, dtype, param_dtype, use_bias=use_bias)
+  if kind == "rmsnorm":
+    return RMSNorm(epsilon, dtype, param_dtype, name=name)
+  raise ValueError(f"Unknown norm {kind!r}; use 'layernorm' or 'rmsnorm'.")
+
+
 class LayerScale(nn.Module):
   """Per-channel learned scaling of a residual branch (CaiT, DINOv2), `scale` = init at start."""
   init_value: float = 1e-5
@@ -31,11 +59,24 @@ class LayerScale(nn.Module):
     return x * scale.astype(x.dtype)
 
 
+ACTIVATIONS = ("gelu", "quick_gelu")
+
+
+def mlp_activation(name, gelu_approximate=False):
+  """The MLP nonlinearity: 'gelu' (exact, or tanh with `gelu_approximate`) or 'quick_gelu'."""
+  if name == "gelu":
+    return lambda x: nn.gelu(x, approximate=gelu_approximate)
+  if name == "quick_gelu":  # OpenAI CLIP's x * sigmoid(1.702 x).
+    return lambda x: x * nn.sigmoid(1.702 * x)
+  raise ValueError(f"Unknown activation {name!r}; use one of: {', '.join(ACTIVATIONS)}.")
+
+
 class MlpBlock(nn.Module):
   """Dense -> GELU -> dropout -> Dense, the transformer MLP."""
   mlp_dim: Optional[int] = None  # Defaults to 4x the input width.
   dropout: float = 0.0
   gelu_approximate: bool = False  # timm/HF use the exact GELU; big_vision the tanh one.
+  activation: str = "gelu"  # Or 'quick_gelu' (OpenAI CLIP); see mlp_activation.
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -49,8 +90,38 @@ class MlpBlock(nn.Module):
         kernel_init=logical(nn.initializers.xavier_uniform(), *axes),
         bias_init=logical(nn.initializers.normal(stddev=1e-6), axes[1]))
     x = dense(self.mlp_dim or 4 * width, "Dense_0", ("embed", "mlp"))(x)
-    x = nn.gelu(x, approximate=self.gelu_approximate)
+    x = mlp_activation(self.activation, self.gelu_approximate)(x)
     x = constrain(x, "act_batch", "act_length", "act_mlp")
+    x = nn.Dropout(rate=self.dropout)(x, deterministic)
+    return dense(width, "Dense_1", ("mlp", "embed"))(x)
+
+
+class SwiGLU(nn.Module):
+  """Gated MLP of LLaMA ("GLU Variants Improve Transformer", Shazeer 2020).
+
+  out = Dense_1(silu(Dense_0(x)) * Dense_2(x)): `Dense_0` is the gate, `Dense_2`
+  the linear branch and `Dense_1` the output projection (the fc1 / fc3 / fc2
+  of LLaMA and iLLaMA), so `MlpBlock_0/Dense_0` and `Dense_1` mean what they
+  mean in the GELU MLP. Three matrices instead of two: LLaMA sizes `mlp_dim` at
+  2/3 of the GELU MLP's to keep the parameter count.
+  """
+  mlp_dim: int
+  dropout: float = 0.0
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):
+    dense = lambda features, name, axes: nn.Dense(
+        features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        use_bias=self.use_bias,
+        kernel_init=logical(nn.initializers.xavier_uniform(), *axes),
+        bias_init=logical(nn.initializers.zeros, axes[1]))
+    width = x.shape[-1]
+    gate = dense(self.mlp_dim, "Dense_0", ("embed", "mlp"))(x)
+    linear = dense(self.mlp_dim, "Dense_2", ("embed", "mlp"))(x)
+    x = constrain(nn.silu(gate) * linear, "act_batch", "act_length", "act_mlp")
     x = nn.Dropout(rate=self.dropout)(x, deterministic)
     return dense(width, "Dense_1", ("mlp", "embed"))(x)
 
@@ -75,6 +146,7 @@ class MAPHead(nn.Module):
   num_heads: int = 12
   mlp_dim: Optional[int] = None
   gelu_approximate: bool = False
+  activation: str = "gelu"
   layer_norm_eps: float = 1e-6
   attention_impl: Optional[str] = None
   dtype: Dtype = jnp.float32
@@ -92,6 +164,6 @@ class MAPHead(nn.Module):
         name="MultiHeadDotProductAttention_0")(probe, x)
     y = layer_norm("LayerNorm_0", self.layer_norm_eps, self.dtype, self.param_dtype)(x)
     x = x + MlpBlock(self.mlp_dim, gelu_approximate=self.gelu_approximate,
-                     dtype=self.dtype, param_dtype=self.param_dtype,
+                     activation=self.activation, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="MlpBlock_0")(y)
     return x[:, 0]

@@ -20,12 +20,20 @@ def sincos_2d(grid_h, grid_w, width, temperature=10_000.0, dtype=jnp.float32):
   return jnp.asarray(posemb, dtype)[None]
 
 
-def resize_posemb(posemb, new_grid, num_prefix_tokens=0):
-  """Bilinearly resizes the grid part of (1, prefix + h*w, width) position embeddings.
+RESIZE_METHODS = ("bilinear", "bicubic")
+
+
+def resize_posemb(posemb, new_grid, num_prefix_tokens=0, method="bilinear"):
+  """Resizes the grid part of (1, prefix + h*w, width) position embeddings.
 
   The first `num_prefix_tokens` entries (class / distillation tokens) are kept as
-  they are; the rest must form a square grid.
+  they are; the rest must form a square grid. `method`: 'bilinear' (big_vision,
+  no antialiasing) or 'bicubic' (antialiased when shrinking, as timm and HF
+  DINOv2 interpolate: torch's bicubic with antialias=True).
   """
+  if method not in RESIZE_METHODS:
+    raise ValueError(f"Unknown position-embedding resize method {method!r}; use 'bilinear' "
+                     "or 'bicubic'.")
   prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
   old_side = int(math.isqrt(grid.shape[1]))
   if old_side * old_side != grid.shape[1]:
@@ -34,8 +42,8 @@ def resize_posemb(posemb, new_grid, num_prefix_tokens=0):
   if (new_h, new_w) == (old_side, old_side):
     return posemb
   grid = grid.reshape(1, old_side, old_side, -1).astype(jnp.float32)
-  grid = jax.image.resize(grid, (1, new_h, new_w, grid.shape[-1]), method="bilinear",
-                          antialias=False)
+  grid = jax.image.resize(grid, (1, new_h, new_w, grid.shape[-1]), method=method,
+                          antialias=method == "bicubic")
   grid = grid.reshape(1, new_h * new_w, -1).astype(posemb.dtype)
   return jnp.concatenate([prefix, grid], axis=1)
 
@@ -68,6 +76,20 @@ def rope_axial_frequencies(head_dim, theta=100.0):
   frequencies = 1.0 / theta ** (np.arange(quarter) / quarter)
   zeros = np.zeros(quarter)
   return np.concatenate([np.stack([frequencies, zeros], -1), np.stack([zeros, frequencies], -1)])
+
+
+def sequence_positions(length):
+  """(length, 2) positions (index, 0) of a 1-D sequence, every token rotated (LLaMA's RoPE)."""
+  positions = np.stack([np.arange(length), np.zeros(length)], axis=-1).astype(np.float32)
+  return jnp.asarray(positions), jnp.ones(length, bool)
+
+
+def rope_1d_frequencies(head_dim, theta=10_000.0):
+  """(head_dim // 2, 2) frequencies of LLaMA's 1-D RoPE, turning with the token index only."""
+  if head_dim % 2:
+    raise ValueError(f"1-D RoPE needs an even head_dim, got {head_dim}.")
+  frequencies = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+  return np.stack([frequencies, np.zeros_like(frequencies)], axis=-1)
 
 
 def rope_mixed_init(rng, num_heads, head_dim, theta=10.0):
