@@ -44,8 +44,8 @@ def get_config(arg=None):
       attention_impl=None,
       dtype="float32",  # 'bfloat16' for mixed precision; params stay float32.
   )
-  config.init_weights = None  # Optional path to weights to start from (vitjax.load_weights).
-  config.init_head = "reinit"
+  config.init = None  # Optional weights to start from: any vitjax.load_weights source.
+  config.init_head = "reinit"  # 'reinit': a fresh head; 'error': the head must fit.
 
   config.task = "supervised"
   config.evaluators = None  # {name: options}; None runs the task's default (classification).
@@ -78,6 +78,10 @@ def get_config(arg=None):
   # Multi-host: enabled=True calls jax.distributed.initialize (None = detect).
   config.distributed = dict(enabled=False, coordinator_address=None, num_processes=None,
                             process_id=None, cpu_collectives=None)
+
+  # False: a NaN/inf loss or update stops the run, naming the step. True: such an
+  # update is skipped (params and optimizer state unchanged), counted as train/skipped_steps.
+  config.skip_nonfinite_steps = False
 
   config.log_every = 50
   config.eval_every = 300

@@ -1,7 +1,9 @@
 """Command line: python -m vitjax.train --config configs/X.py[:args] --workdir DIR [--config.key=value ...]
 
-Exit status: 0 done; 1 training failed (e.g. the loss diverged); 2 bad input
-(unknown config key or model, a config that does not load), with nothing written.
+Exit status: 0 done; 1 training failed (the loss diverged, a checkpoint could not be
+written, none could be read); 2 bad input (unknown config key or model, a config that
+does not load, a workdir whose checkpoint was written with another dataset, batch size
+or seed), with nothing written.
 """
 
 import argparse
@@ -47,11 +49,16 @@ def main(argv=None):
   except (config_lib.ConfigError, models.UnknownModelError, TypeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  from vitjax.train import checkpoints  # pylint: disable=g-import-not-at-top
   from vitjax.train import sharding  # pylint: disable=g-import-not-at-top
   sharding.initialize_distributed(config.get("distributed"))
   try:
     result = trainer.train(config, args.workdir, progress=not args.no_progress)
-  except trainer.TrainingDivergedError as e:
+  except checkpoints.DataStateMismatchError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except (trainer.TrainingDivergedError, checkpoints.CheckpointWriteError,
+          checkpoints.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"\nFinal eval top-1: {result['eval/top1']:.4f}  top-5: {result['eval/top5']:.4f}"

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import sys
 
 
 class MetricsWriter:
@@ -14,8 +15,7 @@ class MetricsWriter:
     self.plot_path = os.path.join(workdir, "metrics.png")
     self._tensorboard = None
     if enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tensorboard = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
 
   def truncate_after(self, step):
     """On resume, drops rows a previous run wrote after its last checkpoint."""
@@ -41,9 +41,34 @@ class MetricsWriter:
       self._tensorboard.close()
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without PyTorch when that is not loaded yet.
+
+  tensorboardX imports torch (seconds) only to accept torch tensors; vitjax logs floats.
+  """
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter
+  sys.modules["torch"] = None  # Makes `import torch` fail fast inside tensorboardX.
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 def read_metrics(path):
+  """The rows of a metrics.jsonl; a last line cut short by a killed run is dropped."""
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i != len(lines) - 1:
+        raise
+  return rows
 
 
 def plot_metrics(jsonl_path, png_path):

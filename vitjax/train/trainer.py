@@ -32,6 +32,10 @@ class TrainingDivergedError(RuntimeError):
   """The loss became NaN or infinite; the message names the step."""
 
 
+class TrainingStopped(RuntimeError):
+  """A fault the run cannot continue through; the message says what and what to do."""
+
+
 def build_model(config):
   """The model named by `config.model.name`, built from the other `config.model` keys."""
   options = dict(config.model)
@@ -42,8 +46,14 @@ def build_model(config):
   return models.create_model(name, **options)
 
 
-def _train_step(model, tx, task, grad_accum_steps, state, batch, rng, constants):
-  """One optimizer update, over `grad_accum_steps` micro-batches; returns state and metrics."""
+def _train_step(model, tx, task, grad_accum_steps, skip_nonfinite, state, batch, rng,
+                constants):
+  """One optimizer update, over `grad_accum_steps` micro-batches; returns state and metrics.
+
+  With `skip_nonfinite`, an update whose loss, gradients or update are NaN or
+  infinite is dropped: params and optimizer state stay as they were, the step
+  counter advances, and the metric `skipped_steps` is 1.
+  """
   step_rng = jax.random.fold_in(rng, state["step"])
 
   def loss_fn(params, micro_batch, micro_rng):
@@ -79,6 +89,14 @@ def _train_step(model, tx, task, grad_accum_steps, state, batch, rng, constants)
   params = jax.tree_util.tree_map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)
   metrics = {"loss": loss, "grad_norm": optax_global_norm(grads),
              "update_norm": optax_global_norm(updates), **metrics}
+  if skip_nonfinite:
+    # The norms are non-finite as soon as one element is.
+    finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+              & jnp.isfinite(metrics["update_norm"]))
+    keep_finite = lambda new, old: jnp.where(finite, new, old)
+    params = jax.tree_util.tree_map(keep_finite, params, state["params"])
+    opt_state = jax.tree_util.tree_map(keep_finite, opt_state, state["opt_state"])
+    metrics["skipped_steps"] = 1.0 - finite.astype(jnp.float32)
   return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
 
@@ -115,9 +133,6 @@ def train(config, workdir, *, progress=True):
                      f"the {split} devices the batch is split over (mesh {dict(mesh.shape)}).")
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
   with sharding_lib.mesh_context(mesh, rules):
     return _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progress,
@@ -132,9 +147,10 @@ def _init_state(config, model, mesh, rng):
   param_shardings = sharding_lib.param_shardings(boxed, mesh, nn.get_logical_axis_rules())
   params = jax.jit(lambda r: nn.unbox(model.init(r, images)["params"]),
                    out_shardings=param_shardings)(init_rng)
-  if config.get("init_weights"):
+  init_path = init_weights_path(config)
+  if init_path:
     from vitjax import convert  # pylint: disable=g-import-not-at-top
-    loaded = convert.load_weights(model, config.init_weights,
+    loaded = convert.load_weights(model, init_path,
                                   head=config.get("init_head", "error"), rng=init_rng)
     params = jax.device_put(loaded, param_shardings)
   tx, schedule = optim.make_optimizer(config, params)
@@ -148,6 +164,23 @@ def _init_state(config, model, mesh, rng):
   return state, shardings, tx, schedule
 
 
+def init_weights_path(config):
+  """`config.init` (or its older name `config.init_weights`): weights to start from."""
+  paths = {key: config.get(key) for key in ("init", "init_weights") if config.get(key)}
+  if len(set(paths.values())) > 1:
+    raise ValueError(f"config.init={paths['init']!r} and config.init_weights="
+                     f"{paths['init_weights']!r} disagree; set only config.init.")
+  return next(iter(paths.values()), None)
+
+
+def data_state(config, dataset, step):
+  """The input pipeline's state at `step`: with the config, it fixes every later batch."""
+  return {"dataset": getattr(dataset, "name", config.get("dataset")),
+          "train_split": config.get("train_split"),
+          "num_train": getattr(dataset, "num_train", None),
+          "batch_size": config.batch_size, "seed": config.seed, "step": int(step)}
+
+
 def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progress, is_main):
   """The loop proper, inside the mesh and sharding-rules context."""
   rng = jax.random.PRNGKey(config.seed)
@@ -157,11 +190,24 @@ def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progres
   constant_shardings = jax.tree_util.tree_map(lambda x: x.sharding, constants)
 
   checkpointer = checkpoints_lib.Checkpointer(workdir, keep=config.get("keep_checkpoints", 2))
+  try:
+    start_step, restored, saved_data_state = checkpointer.restore(
+        checkpoints_lib.abstract_like(state))
+    if restored is not None:
+      checkpoints_lib.check_data_state(saved_data_state,
+                                       data_state(config, dataset, start_step),
+                                       checkpointer.path(start_step))
+  except Exception:
+    checkpointer.close()
+    raise
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
-  start_step, restored = checkpointer.restore(checkpoints_lib.abstract_like(state))
+  # Rows a previous run logged after its last checkpoint (all of them, if it had none).
+  writer.truncate_after(start_step or 0)
   if restored is not None:
     state = restored
-    writer.truncate_after(start_step)
     print(f"Resuming from the checkpoint at step {start_step} in {checkpointer.directory}",
           flush=True)
   start_step = start_step or 0
@@ -169,7 +215,8 @@ def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progres
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
   train_step = jax.jit(
-      functools.partial(_train_step, model, tx, task, config.get("grad_accum_steps", 1)),
+      functools.partial(_train_step, model, tx, task, config.get("grad_accum_steps", 1),
+                        bool(config.get("skip_nonfinite_steps"))),
       in_shardings=(state_shardings, batch_sharding, replicated, constant_shardings),
       out_shardings=(state_shardings, replicated),
       donate_argnums=(0,))
@@ -193,34 +240,41 @@ def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progres
   pending = []  # Metrics of steps not yet fetched from the device: one sync per log window.
   last_eval = {}
   window_start = time.perf_counter()
+  data_wait = 0.0  # Seconds of the log window spent blocked on the input pipeline.
   saved_step = start_step if restored is not None else None
   try:
     for step in range(start_step + 1, total_steps + 1):
+      wait_start = time.perf_counter()
       batch = sharding_lib.global_batch(next(batches), batch_sharding)
+      data_wait += time.perf_counter() - wait_start
       state, step_metrics = train_step(state, batch, train_rng, constants)
       pending.append((step, step_metrics))
       is_last = step == total_steps
       do_eval = is_last or (config.eval_every and step % config.eval_every == 0)
       do_save = is_last or (config.checkpoint_every and step % config.checkpoint_every == 0)
       if do_eval or do_save or step % config.log_every == 0:
-        elapsed = time.perf_counter() - window_start
         summary = _check_and_summarise(pending)
+        elapsed = time.perf_counter() - window_start
         summary["train/lr"] = float(schedule(step - 1))
         summary["train/steps_per_second"] = len(pending) / max(elapsed, 1e-9)
+        summary["train/data_wait_fraction"] = min(data_wait / max(elapsed, 1e-9), 1.0)
+        summary.update(_data_counters(dataset))
         writer.write(step, summary)
-        bar.set_postfix(loss=f"{summary['train/loss']:.4f}", **_headline(last_eval))
+        bar.set_postfix(**_loss_postfix(summary), **_headline(last_eval))
         bar.update(len(pending))
-        pending, window_start = [], time.perf_counter()
+        pending, window_start, data_wait = [], time.perf_counter(), 0.0
       if do_eval:
         last_eval = evaluate(step)
-        bar.set_postfix(loss=f"{summary['train/loss']:.4f}", **_headline(last_eval))
+        bar.set_postfix(**_loss_postfix(summary), **_headline(last_eval))
       if do_save:
-        checkpointer.save(step, state)
+        checkpointer.save(step, state, data_state(config, dataset, step))
         saved_step = step
   finally:
     bar.close()
-    checkpointer.close()  # Waits for the last asynchronous save.
-    writer.close()
+    try:
+      checkpointer.close()  # Waits for the last asynchronous save; raises if it failed.
+    finally:
+      writer.close()
 
   if not last_eval:  # Resumed at the end: nothing was trained, evaluate what was restored.
     last_eval = evaluate(total_steps)
@@ -234,9 +288,17 @@ def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progres
 
 
 def _check_and_summarise(pending):
-  """Means of the pending steps' metrics; raises on the first non-finite loss."""
+  """Means of the pending steps' metrics; raises on the first non-finite loss.
+
+  Steps the train step skipped (config.skip_nonfinite_steps) are left out of the
+  means and counted in `train/skipped_steps`.
+  """
   fetched = jax.device_get([metrics for _, metrics in pending])
+  kept, skipped = [], []
   for (step, _), metrics in zip(pending, fetched):
+    if metrics.get("skipped_steps", 0.0):
+      skipped.append(step)
+      continue
     # A finite loss with a non-finite update (e.g. a NaN learning rate) poisons the
     # parameters just the same, so both are checked before anything is saved.
     for name, what in (("loss", "training loss"), ("update_norm", "parameter update")):
@@ -246,8 +308,29 @@ def _check_and_summarise(pending):
           f"The {what} became {float(metrics[name])} at step {step}. "
           f"No checkpoint was written after it; the last good one is kept. Lower "
           f"config.optimizer.learning_rate, enable config.optimizer.grad_clip_norm, "
-          f"or use float32 compute.")
-  return {f"train/{name}": float(np.mean([m[name] for m in fetched])) for name in fetched[0]}
+          f"use float32 compute, or set config.skip_nonfinite_steps=True to skip such "
+          f"updates.")
+    kept.append(metrics)
+  summary = {f"train/{name}": float(np.mean([m[name] for m in kept]))
+             for name in fetched[0] if kept and name != "skipped_steps"}
+  if "skipped_steps" in fetched[0]:
+    summary["train/skipped_steps"] = float(len(skipped))  # In this log window.
+  if skipped:
+    print(f"WARNING: skipped the non-finite update of step(s) "
+          f"{', '.join(map(str, skipped))} (config.skip_nonfinite_steps).", flush=True)
+  return summary
+
+
+def _data_counters(dataset):
+  """Counters the dataset exposes, e.g. how many undecodable images it skipped so far."""
+  bad_images = getattr(dataset, "bad_images_skipped", None)
+  if callable(bad_images):
+    bad_images = bad_images()
+  return {} if bad_images is None else {"data/bad_images_skipped": float(bad_images)}
+
+
+def _loss_postfix(summary):
+  return {"loss": f"{summary['train/loss']:.4f}"} if "train/loss" in summary else {}
 
 
 def _headline(eval_metrics):

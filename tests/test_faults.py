@@ -1,0 +1,233 @@
+"""Faults the trainer survives: SIGKILL, failed checkpoint writes, non-finite steps, changed data.
+
+The corrupt-checkpoint fallback is in test_train.py (a truncated array file of the
+latest checkpoint); undecodable images are the data pipeline's (tests/test_data.py).
+"""
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vitjax import config as config_lib
+from vitjax import data as data_lib
+from vitjax import train as train_lib
+from vitjax.train import __main__ as cli
+from vitjax.train import checkpoints as checkpoints_lib
+from vitjax.train import trainer as trainer_lib
+from vitjax.train.tasks import supervised
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
+
+# A config file for the subprocess runs: the quickstart, tiny. 40 steps, a checkpoint
+# every 5, a metrics row every step (the test watches them to pick its moment).
+TINY_CONFIG = f'''
+from vitjax import config as config_lib
+
+def get_config(arg=None):
+  config = config_lib.load_config({QUICKSTART + ":image_size=8,steps=40"!r})
+  with config.unlocked():
+    config.model.update(width=32, depth=1, mlp_dim=64, num_heads=2)
+  config_lib.apply_overrides(config, [
+      "batch_size=16", "eval_batch_size=120", "log_every=1", "eval_every=0",
+      "checkpoint_every=5", "optimizer.warmup_steps=5"])
+  return config
+'''
+
+
+def tiny_config(*overrides):
+  config = config_lib.load_config(QUICKSTART + ":image_size=8")
+  config_lib.apply_overrides(config, [
+      "batch_size=16", "eval_batch_size=120", "total_steps=6", "log_every=1",
+      "eval_every=0", "checkpoint_every=2", "keep_checkpoints=10",
+      "optimizer.warmup_steps=2", *overrides])
+  with config.unlocked():
+    config.model.update(variant="mu/4", width=16, depth=1, mlp_dim=32, num_heads=2)
+  return config
+
+
+def train_rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [row for row in map(json.loads, f) if "train/lr" in row]
+
+
+def restore_state(workdir, step):
+  """The whole saved train state (params, optimizer state, step) of `step`, as numpy."""
+  checkpointer = checkpoints_lib.Checkpointer(workdir, read_only=True)
+  try:
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    return checkpointer._manager.restore(  # pylint: disable=protected-access
+        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
+  finally:
+    checkpointer.close()
+
+
+def assert_trees_equal(a, b):
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def test_sigkill_at_a_random_step_then_rerun_ends_bitwise_like_an_uninterrupted_run(tmp_path):
+  config_file = tmp_path / "tiny.py"
+  config_file.write_text(TINY_CONFIG)
+  # One compilation cache for the three runs: the later two skip XLA compilation.
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+  def command(workdir):
+    return [sys.executable, "-m", "vitjax.train", "--config", str(config_file),
+            "--workdir", str(workdir), "--no_progress"]
+
+  def run(workdir):
+    return subprocess.run(command(workdir), capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=300)
+
+  straight = run(tmp_path / "straight")
+  assert straight.returncode == 0, straight.stderr
+
+  # Killed after a random step past the first checkpoint (step 5), well before the end.
+  kill_after = random.randint(6, 30)
+  workdir = tmp_path / "killed"
+  with open(tmp_path / "killed.log", "w") as log:
+    process = subprocess.Popen(command(workdir), stdout=log, stderr=subprocess.STDOUT,
+                               cwd=ROOT, env=env)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+      if metrics.exists() and f'"step": {kill_after},' in metrics.read_text():
+        break
+      time.sleep(0.005)
+    assert process.poll() is None, f"the run ended before step {kill_after}; see killed.log"
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+
+  resumed = run(workdir)
+  assert resumed.returncode == 0, resumed.stderr
+  resumed_from = int(resumed.stdout.split("Resuming from the checkpoint at step ")[1].split()[0])
+  assert 5 <= resumed_from < 40 and resumed_from % 5 == 0, (kill_after, resumed.stdout)
+
+  assert_trees_equal(checkpoints_lib.load_params(str(tmp_path / "straight")),
+                     checkpoints_lib.load_params(str(workdir)))
+  # Same batches in the same order: the loss of every step is bitwise the same.
+  losses = lambda d: [(r["step"], r["train/loss"]) for r in train_rows(str(d))]
+  assert losses(workdir) == losses(tmp_path / "straight")
+  assert len(losses(workdir)) == 40
+
+
+def _fail_writing_step(monkeypatch, failing_step):
+  """Makes orbax's background commit of `failing_step` fail as on a full disk."""
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+  original = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def finalize(self, *args, **kwargs):
+    if self.get_final().name == str(failing_step):
+      raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+    return await original(self, *args, **kwargs)
+
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
+
+
+def test_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_one(tmp_path, monkeypatch):
+  workdir = str(tmp_path / "run")
+  _fail_writing_step(monkeypatch, 4)  # Asynchronous: found at the save of step 6 at the latest.
+  with pytest.raises(checkpoints_lib.CheckpointWriteError) as error:
+    train_lib.train(tiny_config(), workdir, progress=False)
+  message = str(error.value)
+  assert "checkpoint of step 4" in message and os.path.join(workdir, "checkpoints") in message
+  assert "No space left on device" in message and "step 2, is intact" in message
+  assert not os.path.exists(os.path.join(workdir, "checkpoints", "6"))  # It stopped.
+  monkeypatch.undo()
+
+  # The previous checkpoint is valid: the rerun resumes from it and finishes.
+  result = train_lib.train(tiny_config(), workdir, progress=False)
+  assert result["step"] == 6
+  assert [r["step"] for r in train_rows(workdir)] == [1, 2, 3, 4, 5, 6]
+
+  # A resumed run must see the same example stream: a changed batch size is refused
+  # before anything in the workdir changes.
+  with open(os.path.join(workdir, "config.json")) as f:
+    config_json = f.read()
+  with pytest.raises(checkpoints_lib.DataStateMismatchError,
+                     match=r"batch_size: 16 in the checkpoint, 32 now"):
+    train_lib.train(tiny_config("batch_size=32", "total_steps=8"), workdir, progress=False)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert f.read() == config_json
+
+
+def test_cli_exits_1_naming_the_directory_when_a_checkpoint_cannot_be_written(
+    tmp_path, monkeypatch, capsys):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  def save(self, step, *args, **kwargs):
+    raise PermissionError(errno.EACCES, "Permission denied (simulated)", str(self.directory))
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  config_file = tmp_path / "tiny.py"
+  config_file.write_text(TINY_CONFIG)
+  workdir = tmp_path / "cli"
+  status = cli.main(["--config", str(config_file), "--workdir", str(workdir),
+                     "--config.total_steps=2", "--no_progress"])
+  assert status == 1
+  stderr = capsys.readouterr().err
+  assert "checkpoint of step 2" in stderr and str(workdir / "checkpoints") in stderr
+  assert "Permission denied" in stderr and "no earlier checkpoint exists" in stderr
+
+
+def _poison_steps(monkeypatch, nan_loss_step, nan_grad_step):
+  """The supervised loss becomes NaN at one step, and its gradients (only) at another."""
+  original = supervised.Supervised.loss
+
+  def loss(self, model, params, batch, rng, constants, step):
+    value, metrics = original(self, model, params, batch, rng, constants, step)
+    value = value + jnp.where(step + 1 == nan_loss_step, jnp.nan, 0.0)
+    # d sqrt(x)/dx is infinite at x = 0: a finite loss with NaN gradients there.
+    zero = sum(jnp.sum(p) * 0.0 for p in jax.tree_util.tree_leaves(params))
+    offset = jnp.where(step + 1 == nan_grad_step, 0.0, 1.0)
+    return value + jnp.sqrt(zero + offset) - offset, metrics
+
+  monkeypatch.setattr(supervised.Supervised, "loss", loss)
+
+
+def test_nonfinite_steps_are_skipped_and_counted_when_configured(tmp_path, monkeypatch):
+  _poison_steps(monkeypatch, nan_loss_step=3, nan_grad_step=5)
+  monkeypatch.setattr(data_lib.Dataset, "bad_images_skipped", 7, raising=False)
+  workdir = str(tmp_path / "skip")
+  result = train_lib.train(
+      tiny_config("skip_nonfinite_steps=True", "checkpoint_every=1"), workdir, progress=False)
+  assert result["step"] == 6
+
+  states = {step: restore_state(workdir, step) for step in range(2, 7)}
+  assert [int(states[s]["step"]) for s in range(2, 7)] == [2, 3, 4, 5, 6]
+  for skipped in (3, 5):  # Params and optimizer state exactly as the step before.
+    assert_trees_equal(states[skipped]["params"], states[skipped - 1]["params"])
+    assert_trees_equal(states[skipped]["opt_state"], states[skipped - 1]["opt_state"])
+  for trained in (4, 6):
+    assert not np.array_equal(states[trained]["params"]["head"]["kernel"],
+                              states[trained - 1]["params"]["head"]["kernel"])
+
+  rows = train_rows(workdir)
+  assert [r["train/skipped_steps"] for r in rows] == [0, 0, 1, 0, 1, 0]
+  assert all(np.isfinite(r["train/loss"]) for r in rows if not r["train/skipped_steps"])
+  assert all(0.0 <= r["train/data_wait_fraction"] <= 1.0 for r in rows)
+  assert all(r["data/bad_images_skipped"] == 7 for r in rows)
+
+
+def test_nonfinite_gradients_alone_stop_the_run_by_default(tmp_path, monkeypatch):
+  _poison_steps(monkeypatch, nan_loss_step=-1, nan_grad_step=3)
+  workdir = str(tmp_path / "stop")
+  with pytest.raises(trainer_lib.TrainingDivergedError, match="parameter update.*at step 3"):
+    train_lib.train(tiny_config(), workdir, progress=False)
+  checkpointer = checkpoints_lib.Checkpointer(workdir, read_only=True)
+  assert checkpointer.latest_step() == 2
+  checkpointer.close()
