@@ -418,3 +418,32 @@ def test_never_unpickles(name, container, tmp_path):
   control = tmp_path / "control"
   pickle.loads(pickle.dumps(_Payload(control))).close()
   assert control.exists()
+
+
+def test_timm_registers_and_layer_scale_round_trip(tmp_path):
+  """timm's vit_*_reg4_* names (reg_token, ls1/ls2.gamma), its pos_embed with or without
+  the class token's entry (no_embed_class), against vitjax's own params."""
+  model = tiny_model(num_registers=2, layer_scale_init=0.5)
+  params = jax.tree_util.tree_map(np.asarray, init_params(model))
+  path = tmp_path / "timm.safetensors"
+  vitjax.save_weights(params, path, format="timm")
+  state_dict = safetensors_torch.load_file(path)
+  block = ["norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"]
+  expected = (["cls_token", "reg_token", "pos_embed"]
+              + [f"{m}.{leaf}" for m in ["patch_embed.proj", "norm", "head"]
+                 for leaf in ("weight", "bias")]
+              + [f"blocks.{i}.{m}.{leaf}" for i in range(2) for m in block
+                 for leaf in ("weight", "bias")]
+              + [f"blocks.{i}.ls{k}.gamma" for i in range(2) for k in (1, 2)])
+  assert sorted(state_dict) == sorted(expected)
+  assert tuple(state_dict["reg_token"].shape) == (1, 2, 64)
+  np.testing.assert_array_equal(state_dict["blocks.1.ls2.gamma"].numpy(),
+                                params["Transformer"]["encoderblock_1"]["LayerScale_1"]["scale"])
+  back = vitjax.load_weights(model, path)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
+  # no_embed_class: the grid only; the class token then has no position embedding.
+  state_dict["pos_embed"] = state_dict["pos_embed"][:, 1:].contiguous()
+  safetensors_torch.save_file(state_dict, path)
+  grid_only = vitjax.load_weights(model, path)["pos_embedding"]
+  np.testing.assert_array_equal(grid_only[:, 1:], params["pos_embedding"][:, 1:])
+  np.testing.assert_array_equal(grid_only[:, 0], 0.0)

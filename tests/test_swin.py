@@ -304,3 +304,47 @@ def test_vitjax_load_weights_dispatches_swin(tiny, tmp_path):
   # A Swin checkpoint given to a ViT is named as such.
   with pytest.raises(CheckpointError, match="holds a Swin Transformer"):
     vitjax.load_weights(vitjax.create_model("vit", variant="Ti/16", image_size=64), tiny.directory)
+
+
+@pytest.mark.parametrize("format", ["hf", "timm"])
+def test_export_loads_back_in_transformers_and_vitjax(format, tiny, tmp_path):
+  params = load_swin_weights(tiny.model, tiny.directory)
+  path = tmp_path / "exported.safetensors"
+  vitjax.save_weights(params, path, format=format)
+  exported = safetensors_torch.load_file(path)
+  if format == "hf":
+    # The same names as the hub checkpoint, which transformers itself wrote.
+    hub = safetensors_torch.load_file(tiny.directory / "model.safetensors")
+    assert sorted(exported) == sorted(k for k in hub if not k.endswith("relative_position_index"))
+    # Hub names are what from_pretrained reads in every transformers version (>= 5 renames
+    # them in memory, so load_state_dict would want its own names there).
+    directory = tmp_path / "hf"
+    tiny.hf.config.save_pretrained(directory)
+    path.rename(directory / "model.safetensors")
+    model, info = transformers.SwinForImageClassification.from_pretrained(
+        directory, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    np.testing.assert_allclose(hf_outputs(model.eval(), tiny.images)[0], tiny.logits, atol=1e-4)
+    path = directory / "model.safetensors"
+  else:  # timm >= 0.9 names, written out independently above.
+    want = timm_state_dict(safetensors_torch.load_file(tiny.directory / "model.safetensors"),
+                           new_layout=True)
+    assert sorted(exported) == sorted(k for k in want if not k.endswith("_index"))
+  back = flat(load_swin_weights(tiny.model, path))
+  assert all(np.array_equal(v, back[k]) for k, v in flat(params).items())
+
+
+def test_bias_tables_resize_for_another_window(tiny, tmp_path):
+  """224/w7 weights into a 384/w12 model, in miniature: 4x4 windows into 6x6 ones."""
+  model = tiny_model(TINY, window_size=6, image_size=96)
+  params = flat(load_swin_weights(model, tiny.directory))
+  hub = safetensors_torch.load_file(tiny.directory / "model.safetensors")
+  table = hub["swin.encoder.layers.0.blocks.1.attention.self.relative_position_bias_table"]
+  side, heads = 7, table.shape[1]
+  # timm's resize: the (2w-1)^2 table as an image per head, bicubic.
+  want = torch.nn.functional.interpolate(
+      table.T.reshape(1, heads, side, side), size=(11, 11), mode="bicubic",
+      align_corners=False)[0].reshape(heads, -1).T
+  np.testing.assert_allclose(params["stage1/block1/relative_position_bias_table"], want.numpy(),
+                             atol=1e-5)
+  assert params["stage2/block0/relative_position_bias_table"].shape == (121, 4)

@@ -104,7 +104,8 @@ def save_weights(params, path, *, format="big_vision"):  # pylint: disable=redef
   layout (stacked 'Transformer/encoderblock/...' from a `scan_layers=True` model,
   as big_vision's scan=True writes). format='timm' or 'hf': a .safetensors state
   dict for timm or Hugging Face transformers (hub names, so every transformers
-  version reads it; see `hf_config` for the config), one entry per block.
+  version reads it; see `hf_config` for the config), one entry per block. Swin
+  parameters go to timm's SwinTransformer or HF's SwinForImageClassification.
   """
   if format not in ("big_vision", "timm", "hf"):
     raise ValueError(f"format={format!r}: use 'big_vision', 'timm' or 'hf'.")
@@ -121,6 +122,9 @@ def save_weights(params, path, *, format="big_vision"):  # pylint: disable=redef
     return
   if suffix in ("npz", "pth", "pt", "bin"):
     raise ValueError(f"{path}: format={format!r} writes .safetensors, not .{suffix}.")
+  if swin.is_swin_params(flat):  # timm's SwinTransformer / HF's SwinForImageClassification.
+    files.write_safetensors(swin.from_vitjax(flat, format), path, metadata={"format": "pt"})
+    return
   flat = big_vision.unstack_blocks(flat)  # PyTorch models number their blocks.
   state_dict = _to_timm(flat) if format == "timm" else _to_hf(flat)
   files.write_safetensors(state_dict, path, metadata={"format": "pt"})

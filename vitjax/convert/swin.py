@@ -69,10 +69,9 @@ HF = [
     ("classifier", "head", "dense"),
 ]
 _HF_BLOCK = "layers.{s}.blocks.{i}."
-HF_STAGE = _DOWNSAMPLE + [
+HF_STAGE_HUB = _DOWNSAMPLE + [  # As published on the hub (and written by save_weights).
     (_HF_BLOCK + "layernorm_before", _BLOCK + "/LayerNorm_0", "norm"),
     (_HF_BLOCK + "layernorm_after", _BLOCK + "/LayerNorm_1", "norm"),
-    # As published on the hub.
     (_HF_BLOCK + "attention.self.query", _ATTN + "/query", "qkv"),
     (_HF_BLOCK + "attention.self.key", _ATTN + "/key", "qkv"),
     (_HF_BLOCK + "attention.self.value", _ATTN + "/value", "qkv"),
@@ -81,7 +80,8 @@ HF_STAGE = _DOWNSAMPLE + [
     (_HF_BLOCK + "attention.output.dense", _ATTN + "/out", "out"),
     (_HF_BLOCK + "intermediate.dense", _BLOCK + "/MlpBlock_0/Dense_0", "dense"),
     (_HF_BLOCK + "output.dense", _BLOCK + "/MlpBlock_0/Dense_1", "dense"),
-    # As transformers >= 5 names them in memory (model.state_dict()).
+]
+HF_STAGE = HF_STAGE_HUB + [  # And as transformers >= 5 names them in memory (state_dict()).
     (_HF_BLOCK + "attention.q_proj", _ATTN + "/query", "qkv"),
     (_HF_BLOCK + "attention.k_proj", _ATTN + "/key", "qkv"),
     (_HF_BLOCK + "attention.v_proj", _ATTN + "/value", "qkv"),
@@ -116,6 +116,7 @@ def load_swin_weights(model, path, *, head="error", rng=0):
   arrays, container = files.read_arrays(path)
   layout, params = to_vitjax(arrays, model.num_heads, what=f"{path} ({container})")
   template = traverse_util.flatten_dict(param_shapes(model), sep="/")
+  params = _fit_bias_tables(params, template)
   if head == "reinit":
     params = _reinit_head(params, model, rng)
   message = _mismatch_message(params, template, f"The {layout} Swin checkpoint {path}")
@@ -126,6 +127,80 @@ def load_swin_weights(model, path, *, head="error", rng=0):
   # np.array copies: the arrays may be read-only views of a memory-mapped file.
   params = {name: np.array(params[name], dtype=t.dtype) for name, t in template.items()}
   return traverse_util.unflatten_dict(params, sep="/")
+
+
+def is_swin_params(flat):
+  """Whether {vitjax name: array} parameters are a vitjax SwinTransformer's."""
+  return any(re.match(r"stage\d+/block\d+/", name) for name in flat)
+
+
+def from_vitjax(flat, format):  # pylint: disable=redefined-builtin
+  """{vitjax name: array} of a SwinTransformer -> a timm (>= 0.9) or HF hub state dict.
+
+  format='timm': SwinTransformer names of timm >= 0.9 (`layers.{s}.downsample`
+  opens stage s, head `head.fc`). format='hf': SwinForImageClassification's hub
+  names (SwinModel's without a head), which every transformers version loads.
+  Raises ValueError naming any parameter with no place in the target.
+  """
+  blocks = {}  # vitjax stage (1-based) -> number of blocks.
+  for name in flat:
+    match = re.match(r"stage(\d+)/block(\d+)/", name)
+    if match:
+      blocks[int(match[1])] = max(blocks.get(int(match[1]), 0), int(match[2]) + 1)
+  hf = format == "hf"
+  classifier = hf and "head/kernel" in flat
+  prefix = "swin." if classifier else ""
+  global_table = HF if hf else [rule for rule in TIMM if rule[0] != "head"]
+  table = [(("" if rule[0] == "classifier" else prefix) + rule[0], *rule[1:])
+           for rule in global_table]
+  for stage, depth in sorted(blocks.items()):
+    # timm: the downsampling that opens vitjax stage S is layers.{S-1}; HF: it closes
+    # layers.{S-2}, the stage before.
+    for torch_name, vitjax_name, kind in (HF_STAGE_HUB if hf else TIMM_STAGE):
+      downsample = ".downsample." in f".{torch_name}."
+      torch_stage = stage - 1 - int(hf and downsample)
+      torch_name = torch_name.replace("{s}", str(torch_stage))
+      torch_name = (prefix + "encoder." if hf else "") + torch_name
+      vitjax_name = vitjax_name.replace("{S}", str(stage))
+      for i in [0] if downsample else range(depth):
+        table.append((torch_name.replace("{i}", str(i)), vitjax_name.replace("{i}", str(i)),
+                      kind))
+  state_dict, left = pytorch.from_vitjax(flat, table)
+  if left:
+    target = "Hugging Face Swin" if hf else "timm SwinTransformer"
+    raise ValueError(f"No place in a {target} for: {', '.join(left)}.")
+  return state_dict
+
+
+def resize_bias_table(table, window):
+  """((2w-1)^2, heads) relative position bias table -> ((2*window-1)^2, heads).
+
+  Bicubic interpolation of the table as a (2w-1) x (2w-1) image per head, as timm
+  does when loading Swin weights into a model with another window (torch's
+  F.interpolate(mode='bicubic', align_corners=False): Keys' cubic with a=-0.75,
+  borders clamped).
+  """
+  side = math.isqrt(table.shape[0])
+  new_side = 2 * window - 1
+  weights = _bicubic_matrix(side, new_side)
+  grid = np.asarray(table, np.float64).reshape(side, side, -1)
+  grid = np.einsum("ij,jkh,lk->ilh", weights, grid, weights)
+  return grid.reshape(new_side * new_side, -1).astype(np.asarray(table).dtype)
+
+
+def _bicubic_matrix(size, new_size, a=-0.75):
+  """(new_size, size) weights of torch's bicubic resampling along one axis."""
+  def cubic(t):
+    t = np.abs(t)
+    return np.where(t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                    np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0))
+  source = (np.arange(new_size) + 0.5) * size / new_size - 0.5
+  floor = np.floor(source)
+  matrix = np.zeros((new_size, size))
+  for tap in range(-1, 3):
+    index = np.clip(floor + tap, 0, size - 1).astype(int)
+    np.add.at(matrix, (np.arange(new_size), index), cubic(source - (floor + tap)))
+  return matrix
 
 
 def is_swin(arrays):
@@ -192,6 +267,19 @@ def _detect_layout(arrays, what):
       f"{', ...' if len(arrays) > 8 else ''}. Expected timm names ('patch_embed.proj.weight', "
       "'layers.0.blocks.0.attn.qkv.weight') or HF transformers names "
       "('swin.embeddings.patch_embeddings.projection.weight').")
+
+
+def _fit_bias_tables(params, template):
+  """Resizes relative position bias tables made for another window to the model's."""
+  params = dict(params)
+  for name, value in params.items():
+    want = template.get(name)
+    if (name.endswith("relative_position_bias_table") and want is not None
+        and np.ndim(value) == 2 and np.shape(value)[1] == want.shape[1]
+        and np.shape(value)[0] != want.shape[0] and math.isqrt(want.shape[0]) ** 2 == want.shape[0]
+        and math.isqrt(np.shape(value)[0]) ** 2 == np.shape(value)[0]):
+      params[name] = resize_bias_table(value, (math.isqrt(want.shape[0]) + 1) // 2)
+  return params
 
 
 def _reinit_head(params, model, rng):
