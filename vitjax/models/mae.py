@@ -11,10 +11,10 @@ mae_checkpoint)` reads them from a saved MAE or SimMIM.
                                    rngs={'random': key})
     out['loss'], out['mask'], out['targets'], out['pre_logits']
 
-Masking happens when `train=True` (noise from the 'random' rng stream) or when a
-`noise` (MAE) / `mask` (SimMIM) is given. Without either, the encoder sees every
-patch and the call returns `(None, out)` with the full image's `pre_logits`:
-what the few-shot and linear-probe evaluators read.
+Masking happens when `train=True` or a 'random' rng stream is given (the mask is
+drawn from it), or when a `noise` (MAE) / `mask` (SimMIM) is given. Otherwise the
+encoder sees every patch and the call returns `(None, out)` with the whole
+image's `pre_logits`: what the few-shot and linear-probe evaluators read.
 
 MAE's position embeddings are the paper's fixed 2-D sin-cos ones, held as
 parameters (as in the published checkpoints) that no gradient reaches.
@@ -86,15 +86,20 @@ def patch_targets(images, patch_size, norm_pix_loss=False, eps=1e-6):
   return (targets - mean) / jnp.sqrt(variance + eps)
 
 
+def patch_errors(predictions, targets, norm="l2"):
+  """(B, N) each patch's mean squared ('l2', MAE) or absolute ('l1', SimMIM) error."""
+  difference = predictions.astype(jnp.float32) - targets
+  return (jnp.square(difference) if norm == "l2" else jnp.abs(difference)).mean(axis=-1)
+
+
 def masked_patch_loss(predictions, targets, mask, norm="l2"):
-  """Mean over masked patches (mask 1) of each patch's mean squared ('l2') or absolute ('l1') error.
+  """Mean of `patch_errors` over the masked patches (mask 1).
 
   Visible patches (mask 0) do not count, whatever is predicted for them.
   """
-  difference = predictions.astype(jnp.float32) - targets
-  error = jnp.square(difference) if norm == "l2" else jnp.abs(difference)
   mask = mask.astype(jnp.float32)
-  return jnp.sum(error.mean(axis=-1) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  errors = patch_errors(predictions, targets, norm)
+  return jnp.sum(errors * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def num_visible(num_patches, mask_ratio):
@@ -231,6 +236,7 @@ class MaskedAutoencoder(_MaskedImageModel):
   decoder_num_heads: int = 16
   mask_ratio: float = 0.75
   norm_pix_loss: bool = False  # The paper's better setting; Hugging Face's default is False.
+  loss_norm = "l2"  # Mean squared error (see patch_errors).
 
   @nn.compact
   def __call__(self, images, train=False, noise=None):
@@ -242,7 +248,7 @@ class MaskedAutoencoder(_MaskedImageModel):
     x = self._embed_patches(images) + posemb[:, 1:]
     num_patches = x.shape[1]
 
-    masked = train or noise is not None
+    masked = train or noise is not None or self.has_rng("random")
     if masked:
       if noise is None:
         noise = jax.random.uniform(self.make_rng("random"), (batch, num_patches))
@@ -264,7 +270,7 @@ class MaskedAutoencoder(_MaskedImageModel):
     predictions = self._decode(x, ids_restore, deterministic)
     out["predictions"] = predictions
     out["targets"] = patch_targets(images, self.patch_size, self.norm_pix_loss)
-    out["loss"] = masked_patch_loss(predictions, out["targets"], mask)
+    out["loss"] = masked_patch_loss(predictions, out["targets"], mask, self.loss_norm)
     return predictions, out
 
   def _decode(self, x, ids_restore, deterministic):
@@ -309,6 +315,8 @@ class SimMIM(_MaskedImageModel):
   """
   mask_ratio: float = 0.6
   mask_patch_size: int = 32
+  norm_pix_loss = False  # Raw pixels are the target.
+  loss_norm = "l1"
 
   @nn.compact
   def __call__(self, images, train=False, mask=None):
@@ -321,7 +329,7 @@ class SimMIM(_MaskedImageModel):
     out = {}
     batch = images.shape[0]
     x = self._embed_patches(images)
-    masked = train or mask is not None
+    masked = train or mask is not None or self.has_rng("random")
     if mask is None:
       mask = (block_mask(self.make_rng("random"), batch, self.grid_size,
                          self.image_size // self.mask_patch_size, self.mask_ratio)
@@ -347,8 +355,8 @@ class SimMIM(_MaskedImageModel):
                            bias_init=logical(nn.initializers.zeros, None),
                            name="decoder_pred")(out["tokens"]).astype(jnp.float32)
     out["predictions"] = predictions
-    out["targets"] = patch_targets(images, self.patch_size)
-    out["loss"] = masked_patch_loss(predictions, out["targets"], mask, norm="l1")
+    out["targets"] = patch_targets(images, self.patch_size, self.norm_pix_loss)
+    out["loss"] = masked_patch_loss(predictions, out["targets"], mask, self.loss_norm)
     return predictions, out
 
 

@@ -3,6 +3,7 @@
 import re
 
 import jax
+import numpy as np
 import optax
 
 # Parameters that get no weight decay: norms, biases, embeddings and tokens.
@@ -76,12 +77,48 @@ def lr_multipliers(params, rules):
   return jax.tree_util.tree_map_with_path(factor, params)
 
 
+# Layer-wise learning-rate decay (BEiT, MAE fine-tuning): what counts as the embedding.
+_EMBEDDING_PATTERN = r"^(embedding|cls|dist|reg|pos_embedding)(/|$)"
+_BLOCK_PATTERN = r"^Transformer/encoderblock(_(\d+))?/"
+
+
+def layer_decay_multipliers(params, decay):
+  """Learning-rate factors of layer-wise decay: block i gets decay^(depth - i), the embedding
+  (patches, class token, position embeddings) decay^(depth + 1), all else (final norm, head) 1.
+
+  Blocks stacked by `scan_layers` ('Transformer/encoderblock/...') get one factor per
+  layer along their leading axis.
+  """
+  names = [path_str(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+  blocks = {int(m.group(2)) for m in map(lambda n: re.match(_BLOCK_PATTERN, n), names)
+            if m and m.group(2) is not None}
+  stacked = [x.shape[0] for path, x in jax.tree_util.tree_leaves_with_path(params)
+             if re.match(r"^Transformer/encoderblock/", path_str(path))]
+  depth = max(blocks) + 1 if blocks else (stacked[0] if stacked else 0)
+  if not depth:
+    raise ValueError("config.optimizer.layer_decay needs a ViT-style encoder "
+                     "('Transformer/encoderblock_0/...'); these parameters have no blocks.")
+
+  def factor(path, x):
+    name = path_str(path)
+    block = re.match(_BLOCK_PATTERN, name)
+    if block and block.group(2) is not None:
+      return float(decay ** (depth - int(block.group(2))))
+    if block:  # Stacked layers: (depth, ...) parameters.
+      per_layer = decay ** (depth - np.arange(depth, dtype=np.float64))
+      return per_layer.astype(np.float32).reshape((depth,) + (1,) * (x.ndim - 1))
+    return float(decay ** (depth + 1)) if re.match(_EMBEDDING_PATTERN, name) else 1.0
+
+  return jax.tree_util.tree_map_with_path(factor, params)
+
+
 def scale_by_tree(factors):
-  """Multiplies each update by its own factor (a pytree of floats like the params)."""
+  """Multiplies each update by its own factor (a pytree of floats or arrays like the params)."""
+  is_one = lambda f: isinstance(f, float) and f == 1.0
 
   def update(updates, state, params=None):
     del params
-    return jax.tree_util.tree_map(lambda u, f: u * f if f != 1.0 else u, updates, factors), state
+    return jax.tree_util.tree_map(lambda u, f: u if is_one(f) else u * f, updates, factors), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -92,7 +129,9 @@ def make_optimizer(config, params):
   Besides the optimizer, `config.optimizer` may give `freeze` (a regex or a list of
   them: matching parameters are never updated and get no optimizer state) and
   `lr_multipliers` (((regex, factor), ...): matching parameters' updates are scaled,
-  first match wins), both over names like 'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel'.
+  first match wins), both over names like 'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel',
+  and `layer_decay` (a float < 1: layer-wise learning-rate decay, see
+  layer_decay_multipliers; its factors multiply those of lr_multipliers).
   """
   opt = config.optimizer
   schedule = make_schedule(config)
@@ -104,8 +143,15 @@ def make_optimizer(config, params):
                      optax.sgd(schedule, momentum=opt.momentum or None))
   else:
     raise ValueError(f"Unknown optimizer {opt.name!r}; use 'adamw' or 'sgd'.")
+  factors = None
   if opt.get("lr_multipliers"):
-    tx = optax.chain(tx, scale_by_tree(lr_multipliers(params, opt.lr_multipliers)))
+    factors = lr_multipliers(params, opt.lr_multipliers)
+  if opt.get("layer_decay"):
+    decay = layer_decay_multipliers(params, opt.layer_decay)
+    factors = decay if factors is None else jax.tree_util.tree_map(
+        lambda a, b: a * b, factors, decay)
+  if factors is not None:
+    tx = optax.chain(tx, scale_by_tree(factors))
   if opt.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
   if opt.get("freeze"):
