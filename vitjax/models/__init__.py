@@ -137,8 +137,11 @@ def param_shapes(model, *, boxed=False):
   With `boxed=True` each leaf keeps its logical axis names (flax's
   LogicallyPartitioned), which `nn.get_partition_spec` turns into specs.
   """
-  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy_input(model))
-  return variables["params"] if boxed else nn.unbox(variables["params"])
+  if boxed:
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy_input(model))["params"]
+  # Unboxed while traced: outside a trace, unboxing under a mesh (the trainer's) fails.
+  return jax.eval_shape(lambda rng, x: nn.unbox(model.init(rng, x)["params"]),
+                        jax.random.PRNGKey(0), dummy_input(model))
 
 
 def count_params(params):
