@@ -69,13 +69,15 @@ def test_hf_clip_and_siglip_parity(kind, tmp_path):
 
 
 def test_two_towers_encode_one_side_and_registered_names():
-  model = vitjax.create_model("siglip_mu")
+  tiny = dict(width=32, depth=1, mlp_dim=64, num_heads=2)
+  model = vitjax.create_model("siglip_mu", embed_dim=32, image=dict(
+      tiny, image_size=8, patch_size=4, pool_type="gap"), text=dict(tiny, max_length=8))
   params = vitjax.init_params(model)
   assert {"img", "txt", "t", "b"} == set(params)
   np.testing.assert_allclose(params["t"], [np.log(10.0)], rtol=1e-6)
   np.testing.assert_allclose(params["b"], [-10.0])
-  tokens = jnp.asarray(ByteTokenizer(32).encode(["a 7", "a 1"]))
-  logits, out = model.apply({"params": params}, None, tokens)
+  tokens = jnp.asarray(ByteTokenizer(8).encode(["a 7", "a 1"]))
+  logits, out = jax.jit(model.apply)({"params": params}, None, tokens)
   assert logits is None and "img" not in out
   np.testing.assert_allclose(jnp.linalg.norm(out["txt"], axis=-1), 1.0, rtol=1e-5)
   assert "clip_vit_base_patch16" in vitjax.list_models("clip_*")
