@@ -4,6 +4,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 
 import pytest
 
@@ -65,7 +66,10 @@ def test_compares_with_the_transformers_vit(runs):
   assert torch_result["implementation"] == "transformers" and not torch_result["torch_compile"]
   assert torch_result["images_per_s"] > 0 and len(torch_result["step_times_s"]) == 2
   assert result["ratio"] > 0
-  assert result["ratio"] == pytest.approx(result["images_per_s"] / torch_result["images_per_s"])
+  assert result["ratio"] == pytest.approx(
+      benchmark.paired_ratio(torch_result["step_times_s"], result["step_times_s"]))
+  # Like for like: PyTorch gets as many threads as XLA's CPU thread pool, one per usable core.
+  assert torch_result["torch_threads"] == result["cpu_threads"] == len(os.sched_getaffinity(0))
   assert result["mfu"] == pytest.approx(result["tflops"] / 1.0)  # --peak_tflops 1.
   assert f"| {result['ratio']:.2f}x |" in out
 
@@ -110,3 +114,13 @@ def test_cost_analysis_as_a_list_or_a_dict():
   assert benchmark.xla_flops(Compiled({"flops": 10.0})) == 10.0
   assert benchmark.xla_flops(Compiled([{"flops": 10.0}])) == 10.0  # Older JAX.
   assert benchmark.xla_flops(Compiled([])) is None
+
+
+def test_steps_alternate_and_the_ratio_is_paired_by_round():
+  calls = []
+  runners = {"vitjax": lambda: calls.append("vitjax"), "torch": lambda: calls.append("torch")}
+  times, _ = benchmark.time_steps(runners, steps=3, warmup=0)
+  assert calls == ["vitjax", "torch", "torch", "vitjax", "vitjax", "torch"]
+  assert {name: len(t) for name, t in times.items()} == {"vitjax": 3, "torch": 3}
+  # Per-round ratios 2, 2 and 10 (PyTorch's third step hit by a load spike): the median is 2.
+  assert benchmark.paired_ratio([2.0, 4.0, 30.0], [1.0, 2.0, 3.0]) == 2.0

@@ -64,6 +64,14 @@ LEARNING_RATE, WEIGHT_DECAY = 1e-3, 0.05
 _BACKGROUND_WARNING = 0.05
 
 
+def cpu_threads():
+  """The cores this process may run on: the size of XLA's CPU thread pool."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # Not on Linux.
+    return os.cpu_count() or 1
+
+
 def peak_tflops(device_kind, dtype):
   """Peak dense TFLOP/s of a device kind for `dtype` ('bfloat16'/'float32'), or None."""
   for pattern, bf16, fp32 in PEAK_TFLOPS:
@@ -204,6 +212,8 @@ def build_torch(kind, model, args, dtype_name, images, labels, platform):
   import torch  # pylint: disable=import-outside-toplevel
 
   device = torch.device("cuda" if platform == "gpu" else "cpu")
+  if device.type == "cpu":
+    torch.set_num_threads(cpu_threads())  # The cores XLA's CPU thread pool runs on.
   if device.type == "cuda" and dtype_name == "float32":
     torch.backends.cuda.matmul.allow_tf32 = True  # JAX's default precision uses TF32 too.
     torch.backends.cudnn.allow_tf32 = True
@@ -266,6 +276,9 @@ def _busy_cpu_seconds():
 def time_steps(runners, steps, warmup):
   """Seconds per step of each runner (name -> run_step), their steps alternating.
 
+  Each round runs every runner once, in reverse order every other round (A B, B A, ...), so
+  neither side always runs right after the other, e.g. into the caches it left.
+
   Returns ({name: [seconds, ...]}, background): `background` is the share of the machine's
   CPU time that other processes used while timing (None where unknown).
   """
@@ -274,8 +287,8 @@ def time_steps(runners, steps, warmup):
       run_step()
   times = {name: [] for name in runners}
   busy, own, wall = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
-  for _ in range(steps):
-    for name, run_step in runners.items():
+  for step in range(steps):
+    for name, run_step in list(runners.items())[::-1 if step % 2 else 1]:
       start = time.perf_counter()
       run_step()
       times[name].append(time.perf_counter() - start)
@@ -284,6 +297,15 @@ def time_steps(runners, steps, warmup):
     others = (_busy_cpu_seconds() - busy) - (time.process_time() - own)
     background = max(0.0, others / ((time.perf_counter() - wall) * (os.cpu_count() or 1)))
   return times, background
+
+
+def paired_ratio(baseline_s, candidate_s):
+  """Median over rounds of baseline time / candidate time: the speed-up of the candidate.
+
+  Each round's two steps ran back to back, under the same load, so the per-round ratio
+  cancels a load that changes between rounds, which a ratio of the two medians does not.
+  """
+  return statistics.median(b / c for b, c in zip(baseline_s, candidate_s))
 
 
 # ---------------------------------------------------------------------------------- output
@@ -321,7 +343,8 @@ def summary_lines(result):
   mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}% of {r['peak_tflops']:g} TFLOP/s"
   lines = [
       f"vitjax {r['model']} {r['mode']}, batch {r['batch']}, {r['dtype']}, "
-      f"{r['image_size']}px on {r['device']}:",
+      f"{r['image_size']}px on {r['device']}"
+      + (f" ({r['cpu_threads']} threads)" if r.get("cpu_threads") else "") + ":",
       f"  {_fmt(r['images_per_s'])} images/s, {_fmt(r['ms_per_step'])} ms/step (median of "
       f"{r['steps']}), {_fmt(r['tflops'])} TFLOP/s ({_fmt(r['flops'] and r['flops'] / 1e9)} "
       f"GFLOP/step by XLA's cost analysis), MFU {mfu}",
@@ -338,7 +361,8 @@ def summary_lines(result):
     lines.append(f"PyTorch {t['implementation']} ({compiled}, {t['torch_threads']} threads): "
                  f"{_fmt(t['images_per_s'])} images/s, {_fmt(t['ms_per_step'])} ms/step, "
                  f"{_fmt(t['tflops'])} TFLOP/s at the same FLOPs")
-    lines.append(f"vitjax / PyTorch: {r['ratio']:.2f}x images/s")
+    lines.append(f"vitjax / PyTorch: {r['ratio']:.2f}x images/s (median of the per-round "
+                 "ratios of step times)")
   if _background_warning(r):
     lines.append(_background_warning(r))
   return lines
@@ -364,7 +388,8 @@ def markdown_lines(result):
       "",
       f"- Command: `{r['command']}`",
       f"- Median step time of {r['steps']} steps after {r['warmup']} warm-up steps, compilation "
-      "excluded; vitjax and PyTorch steps alternate. FLOPs: XLA's cost analysis of the vitjax "
+      "excluded; vitjax and PyTorch steps alternate (A B, B A, ...) and vitjax / PyTorch is "
+      "the median of the per-round ratios of step times. FLOPs: XLA's cost analysis of the vitjax "
       "step. Memory: " + (r["peak_memory_source"] or "n/a") + ".",
   ]
   if _background_warning(r):
@@ -373,6 +398,9 @@ def markdown_lines(result):
     header.append("- vitjax step compiled with " + _options_text(r["compiler_options"]) + ".")
   if r["xla_flags"]:
     header.append(f"- XLA_FLAGS: `{r['xla_flags']}`")
+  if r.get("cpu_threads"):
+    header.append(f"- XLA's CPU thread pool: {r['cpu_threads']} threads (the cores this process "
+                  "may use).")
   if t and not t.get("error"):
     header.append(f"- PyTorch: {t['implementation']}, "
                   + ("torch.compile" if t["torch_compile"] else "eager")
@@ -491,6 +519,7 @@ def main(argv=None):
       "model": args.model, "mode": args.mode, "batch": batch, "dtype": dtype_name,
       "image_size": size, "attention_impl": args.attention_impl,
       "device": device.device_kind, "platform": platform, "num_devices_used": 1,
+      "cpu_threads": cpu_threads() if on_cpu else None,
       "steps": args.steps, "warmup": max(args.warmup, 1),
       "images_per_s": batch / step_s, "ms_per_step": step_s * 1e3,
       "step_times_s": times["vitjax"], "flops": flops, "tflops": tflops,
@@ -510,7 +539,7 @@ def main(argv=None):
     if platform == "gpu":
       import torch  # pylint: disable=import-outside-toplevel
       torch_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-    result["ratio"] = result["images_per_s"] / torch_info["images_per_s"]
+    result["ratio"] = paired_ratio(times["torch"], times["vitjax"])
 
   print("\n".join(markdown_lines(result) if args.markdown else summary_lines(result)), flush=True)
   if args.json:
