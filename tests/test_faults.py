@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -41,6 +42,7 @@ def get_config(arg=None):
   config_lib.apply_overrides(config, [
       "batch_size=16", "eval_batch_size=120", "log_every=1", "eval_every=0",
       "checkpoint_every=5", "optimizer.warmup_steps=5"])
+  config.evaluators = {{}}  # The parameters are compared, not accuracies.
   return config
 '''
 
@@ -53,6 +55,7 @@ def tiny_config(*overrides):
       "optimizer.warmup_steps=2", *overrides])
   with config.unlocked():
     config.model.update(variant="mu/4", width=16, depth=1, mlp_dim=32, num_heads=2)
+  config.evaluators = {}
   return config
 
 
@@ -93,10 +96,11 @@ def test_sigkill_at_a_random_step_then_rerun_ends_bitwise_like_an_uninterrupted_
     return subprocess.run(command(workdir), capture_output=True, text=True, cwd=ROOT,
                           env=env, timeout=300)
 
-  straight = run(tmp_path / "straight")
-  assert straight.returncode == 0, straight.stderr
-
-  # Killed after a random step past the first checkpoint (step 5), well before the end.
+  # The uninterrupted run goes on beside the one that is killed after a random step
+  # past the first checkpoint (step 5), well before the end.
+  straight_log = open(tmp_path / "straight.log", "w")  # pylint: disable=consider-using-with
+  straight = subprocess.Popen(command(tmp_path / "straight"), stdout=straight_log,
+                              stderr=subprocess.STDOUT, cwd=ROOT, env=env)
   kill_after = random.randint(6, 30)
   workdir = tmp_path / "killed"
   with open(tmp_path / "killed.log", "w") as log:
@@ -112,6 +116,8 @@ def test_sigkill_at_a_random_step_then_rerun_ends_bitwise_like_an_uninterrupted_
     os.kill(process.pid, signal.SIGKILL)
     assert process.wait(timeout=60) == -signal.SIGKILL
 
+  assert straight.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()[-2000:]
+  straight_log.close()
   resumed = run(workdir)
   assert resumed.returncode == 0, resumed.stderr
   resumed_from = int(resumed.stdout.split("Resuming from the checkpoint at step ")[1].split()[0])
@@ -138,50 +144,68 @@ def _fail_writing_step(monkeypatch, failing_step):
   monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
 
 
-def test_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_one(tmp_path, monkeypatch):
-  workdir = str(tmp_path / "run")
-  _fail_writing_step(monkeypatch, 4)  # Asynchronous: found at the save of step 6 at the latest.
+def test_checkpoint_write_failures_name_the_step_directory_and_cause(tmp_path, monkeypatch):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  state = {"params": {"w": jnp.arange(4.0)}, "step": jnp.zeros((), jnp.int32)}
+  checkpointer = checkpoints_lib.Checkpointer(str(tmp_path), keep=1)
+  checkpointer.save(1, state, {"step": 1})
+
+  # Asynchronous: the save returns, the failure shows at the next wait (or save).
+  _fail_writing_step(monkeypatch, 2)
+  checkpointer.save(2, state, {"step": 2})
   with pytest.raises(checkpoints_lib.CheckpointWriteError) as error:
-    train_lib.train(tiny_config(), workdir, progress=False)
-  message = str(error.value)
-  assert "checkpoint of step 4" in message and os.path.join(workdir, "checkpoints") in message
-  assert "No space left on device" in message and "step 2, is intact" in message
-  assert not os.path.exists(os.path.join(workdir, "checkpoints", "6"))  # It stopped.
+    checkpointer.wait()
+  assert str(error.value).startswith(
+      f"Writing the checkpoint of step 2 to {tmp_path / 'checkpoints'} failed: OSError: "
+      "[Errno 28] No space left on device (simulated).")
+  assert "the last complete checkpoint, step 1, is intact" in str(error.value)
   monkeypatch.undo()
 
-  # The previous checkpoint is valid: the rerun resumes from it and finishes.
-  result = train_lib.train(tiny_config(), workdir, progress=False)
-  assert result["step"] == 6
-  assert [r["step"] for r in train_rows(workdir)] == [1, 2, 3, 4, 5, 6]
-
-  # A resumed run must see the same example stream: a changed batch size is refused
-  # before anything in the workdir changes.
-  with open(os.path.join(workdir, "config.json")) as f:
-    config_json = f.read()
-  with pytest.raises(checkpoints_lib.DataStateMismatchError,
-                     match=r"batch_size: 16 in the checkpoint, 32 now"):
-    train_lib.train(tiny_config("batch_size=32", "total_steps=8"), workdir, progress=False)
-  with open(os.path.join(workdir, "config.json")) as f:
-    assert f.read() == config_json
-
-
-def test_cli_exits_1_naming_the_directory_when_a_checkpoint_cannot_be_written(
-    tmp_path, monkeypatch, capsys):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
+  # Synchronous (no permission to create the step's directory): at the save.
   def save(self, step, *args, **kwargs):
     raise PermissionError(errno.EACCES, "Permission denied (simulated)", str(self.directory))
 
   monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  with pytest.raises(checkpoints_lib.CheckpointWriteError,
+                     match="checkpoint of step 3 .* PermissionError: .*Permission denied"):
+    checkpointer.save(3, state, {"step": 3})
+  checkpointer.close()
+  monkeypatch.undo()
+
+  # Keeping one checkpoint, the failed saves deleted none: step 1 restores.
+  checkpointer = checkpoints_lib.Checkpointer(str(tmp_path), keep=1)
+  step, restored, data_state = checkpointer.restore(checkpoints_lib.abstract_like(state))
+  checkpointer.close()
+  assert (step, data_state) == (1, {"step": 1})
+  assert_trees_equal(restored, state)
+
+
+def test_failed_checkpoint_write_stops_the_run_with_exit_1_and_keeps_the_previous_one(
+    tmp_path, monkeypatch, capsys):
   config_file = tmp_path / "tiny.py"
   config_file.write_text(TINY_CONFIG)
-  workdir = tmp_path / "cli"
-  status = cli.main(["--config", str(config_file), "--workdir", str(workdir),
-                     "--config.total_steps=2", "--no_progress"])
-  assert status == 1
+  workdir = tmp_path / "run"
+  command = ["--config", str(config_file), "--workdir", str(workdir), "--no_progress",
+             "--config.checkpoint_every=2"]
+  _fail_writing_step(monkeypatch, 4)
+  assert cli.main(command) == 1
   stderr = capsys.readouterr().err
-  assert "checkpoint of step 2" in stderr and str(workdir / "checkpoints") in stderr
-  assert "Permission denied" in stderr and "no earlier checkpoint exists" in stderr
+  assert f"checkpoint of step 4 to {workdir / 'checkpoints'} failed" in stderr
+  assert "No space left on device" in stderr and "step 2, is intact" in stderr
+  assert not (workdir / "checkpoints" / "6").exists()  # It stopped at the next save.
+  assert train_rows(str(workdir))[-1]["step"] == 6
+  monkeypatch.undo()
+
+  # The rerun restores step 2 (the failed save's leftovers are cleared) and checks that
+  # it sees the same example stream: a changed batch size is refused (exit 2) before
+  # anything in the workdir changes.
+  config_json = (workdir / "config.json").read_text()
+  assert cli.main(command + ["--config.batch_size=32"]) == 2
+  stderr = capsys.readouterr().err
+  assert f"checkpoint in {workdir / 'checkpoints' / '2'} was written by a run" in stderr
+  assert "batch_size: 16 in the checkpoint, 32 now" in stderr
+  assert (workdir / "config.json").read_text() == config_json
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
 
 
 def _poison_steps(monkeypatch, nan_loss_step, nan_grad_step):
@@ -223,11 +247,42 @@ def test_nonfinite_steps_are_skipped_and_counted_when_configured(tmp_path, monke
   assert all(r["data/bad_images_skipped"] == 7 for r in rows)
 
 
-def test_nonfinite_gradients_alone_stop_the_run_by_default(tmp_path, monkeypatch):
-  _poison_steps(monkeypatch, nan_loss_step=-1, nan_grad_step=3)
-  workdir = str(tmp_path / "stop")
-  with pytest.raises(trainer_lib.TrainingDivergedError, match="parameter update.*at step 3"):
-    train_lib.train(tiny_config(), workdir, progress=False)
-  checkpointer = checkpoints_lib.Checkpointer(workdir, read_only=True)
-  assert checkpointer.latest_step() == 2
-  checkpointer.close()
+def test_fine_tune_from_saved_weights_at_a_higher_resolution(tmp_path):
+  import vitjax  # pylint: disable=g-import-not-at-top
+  from vitjax.train import optim  # pylint: disable=g-import-not-at-top
+  size = dict(width=32, depth=1, mlp_dim=64, num_heads=2)
+  pretrain = config_lib.load_config(QUICKSTART + ":image_size=8,steps=150")
+  config_lib.apply_overrides(pretrain, ["batch_size=64", "eval_every=0", "checkpoint_every=0",
+                                        "optimizer.warmup_steps=10", "log_every=150"])
+  pretrain.evaluators = {}
+  with pretrain.unlocked():
+    pretrain.model.update(size)
+  train_lib.train(pretrain, str(tmp_path / "pretrain"), progress=False)
+  pretrained = checkpoints_lib.load_params(str(tmp_path / "pretrain"))
+  weights = str(tmp_path / "pretrained.npz")
+  vitjax.save_weights(pretrained, weights)
+
+  frozen = "^Transformer/encoderblock_0/MlpBlock_0/"
+  config = config_lib.load_config(os.path.join(ROOT, "configs", "transfer.py")
+                                  + f":image_size=16,steps=30,init={weights}")
+  config_lib.apply_overrides(config, ["batch_size=64", "eval_every=0", "checkpoint_every=0",
+                                      f"optimizer.freeze={frozen}", "log_every=30",
+                                      "optimizer.learning_rate=0.1"])
+  with config.unlocked():
+    config.model.update(size)
+  result = train_lib.train(config, str(tmp_path / "transfer"), progress=False)
+  tuned = checkpoints_lib.load_params(str(tmp_path / "transfer"))
+
+  flat = lambda tree: {optim.path_str(p): np.asarray(v)
+                       for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+  before, after = flat(pretrained), flat(tuned)
+  assert before.keys() == after.keys()
+  assert before["pos_embedding"].shape == (1, 4, 32) and after["pos_embedding"].shape == (1, 16, 32)
+  for name in before:
+    if re.search(frozen, name):  # Loaded, then never updated.
+      np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    elif name.endswith("kernel") and not name.startswith("head/"):  # Trained from the loaded.
+      change = np.linalg.norm(after[name] - before[name]) / np.linalg.norm(before[name])
+      assert 0 < change < 0.5, (name, change)
+  # 0.35 measured (chance is 0.1); the 8x8 pretraining alone reaches 0.52.
+  assert result["eval/top1"] > 0.25

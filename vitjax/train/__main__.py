@@ -61,8 +61,13 @@ def main(argv=None):
           checkpoints.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(f"\nFinal eval top-1: {result['eval/top1']:.4f}  top-5: {result['eval/top5']:.4f}"
-        f"  (step {result['step']})")
+  if "eval/top1" in result:
+    print(f"\nFinal eval top-1: {result['eval/top1']:.4f}  top-5: {result['eval/top5']:.4f}"
+          f"  (step {result['step']})")
+  else:  # Other evaluators (few-shot, reconstruction, ...), or none.
+    final = "  ".join(f"{k[len('eval/'):]}: {v:.4f}" for k, v in result.items()
+                      if k.startswith("eval/"))
+    print(f"\nFinal eval {final or '(no evaluators)'}  (step {result['step']})")
   print(f"checkpoint: {os.path.abspath(result['checkpoint']) if result['checkpoint'] else '-'}")
   print(f"metrics:    {os.path.abspath(result['metrics'])}")
   print(f"plot:       {os.path.abspath(result['plot']) if result['plot'] else '-'}")

@@ -233,7 +233,8 @@ def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progres
           batch_size=config.get("eval_batch_size", config.batch_size),
           batch_sharding=batch_sharding, **options)
       result.update({f"eval/{k}": v for k, v in metrics.items()})
-    writer.write(step, result)
+    if result:
+      writer.write(step, result)
     return result
 
   bar = _progress_bar(total_steps, start_step, enabled=progress and is_main)
