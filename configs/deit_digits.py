@@ -4,7 +4,8 @@ First the teacher (the quickstart's ViT mu/4, ~98% test top-1, ~4 minutes on a 2
 
     python -m vitjax.train --config configs/quickstart.py --workdir workdirs/deit_teacher
 
-Then the distilled student (hard distillation through the distillation token):
+Then the distilled student (soft distillation through the distillation token,
+temperature 4, alpha 0.5; `:type=hard` for DeiT's hard-label variant):
 
     python -m vitjax.train --config configs/deit_digits.py --workdir workdirs/deit_student
 
@@ -32,8 +33,8 @@ QUICKSTART = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstar
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, teacher="workdirs/deit_teacher", type="hard", alpha=0.5,
-                             tau=1.0, steps=400, seed=0, distill=True)
+  arg = config_lib.parse_arg(arg, teacher="workdirs/deit_teacher", type="soft", alpha=0.5,
+                             tau=4.0, steps=400, seed=0, distill=True)
   teacher_config = config_lib.load_config(QUICKSTART)  # The model the teacher run trained.
   config = config_lib.load_config(f"{QUICKSTART}:steps={arg.steps}")
   config.unlock()

@@ -3,7 +3,6 @@
 import json
 import os
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import vitjax
 from vitjax import config as config_lib
 from vitjax import data as data_lib
 from vitjax import train as train_lib
+from vitjax.models import param_shapes
 from vitjax.train import checkpoints as checkpoints_lib
 from vitjax.train.tasks import distill
 
@@ -32,15 +32,15 @@ def test_hard_and_soft_distillation_losses_equal_hand_computation():
   labels = np.array([0, 2, 4, 1])
   targets = np.eye(5, dtype=np.float32)[labels]
   ce = lambda logits, y: -np.mean(log_softmax(logits)[np.arange(len(y)), y])
+  loss_fn = jax.jit(distill.distillation_loss, static_argnames=("kind",))
 
-  loss, parts = distill.distillation_loss(cls, dist, teacher, targets, kind="hard")
+  loss, parts = loss_fn(cls, dist, teacher, targets, kind="hard")
   expected = 0.5 * ce(cls, labels) + 0.5 * ce(dist, teacher.argmax(-1))
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
   np.testing.assert_allclose(parts["loss_dist"], ce(dist, teacher.argmax(-1)), rtol=1e-5)
 
   alpha, tau = 0.3, 2.5
-  loss, _ = distill.distillation_loss(cls, dist, teacher, targets, kind="soft", alpha=alpha,
-                                      tau=tau)
+  loss, _ = loss_fn(cls, dist, teacher, targets, kind="soft", alpha=alpha, tau=tau)
   p_teacher = np.exp(log_softmax(teacher / tau))
   kl = np.sum(p_teacher * (log_softmax(teacher / tau) - log_softmax(dist / tau)), -1).mean()
   np.testing.assert_allclose(loss, (1 - alpha) * ce(cls, labels) + alpha * tau ** 2 * kl,
@@ -50,8 +50,10 @@ def test_hard_and_soft_distillation_losses_equal_hand_computation():
 
 
 def random_params(model, seed=0):
-  images = np.zeros((1, model.image_size, model.image_size, 3), np.float32)
-  return jax.device_get(nn.unbox(model.init(jax.random.PRNGKey(seed), images)["params"]))
+  """Normal(0, 0.02) parameters of the model's shapes (no init to compile)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(lambda x: 0.02 * rng.standard_normal(x.shape, np.float32),
+                                param_shapes(model))
 
 
 def teacher_model(**overrides):
@@ -61,20 +63,26 @@ def teacher_model(**overrides):
 
 
 def constant_teacher(path):
-  """A teacher whose head always says TEACHER_CLASS, saved to `path`; returns its params."""
-  params = random_params(teacher_model(), seed=1)
+  """A teacher whose head always says TEACHER_CLASS, saved to `path`; returns its params.
+
+  All weights are zero (every token, norm and pooled feature is 0) except the head's
+  bias, so its logits are that bias whatever the image.
+  """
+  params = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype),
+                                  param_shapes(teacher_model()))
   params["head"]["bias"] = 5.0 * np.eye(10, dtype=np.float32)[TEACHER_CLASS]
   vitjax.save_weights(params, path)
   return params
 
 
 def distill_config(teacher_path, **overrides):
-  """An 8 px distilled student and the 16 px teacher of `constant_teacher`."""
+  """An 8 px student, hard-distilled from the 16 px teacher of `constant_teacher`."""
   config = config_lib.load_config(f"{DEIT_DIGITS}:steps=8,teacher={teacher_path}")
   config_lib.apply_overrides(config, [
       "input.image_size=8", "input.random_crop_padding=1", "model.image_size=8",
       "batch_size=32", "log_every=1", "optimizer.warmup_steps=1",
-      "optimizer.learning_rate=0.01"] + [f"{k}={v}" for k, v in overrides.items()])
+      "optimizer.learning_rate=0.01", "distill.type=hard"]
+                            + [f"{k}={v}" for k, v in overrides.items()])
   with config.unlocked():
     config.model.update(TINY)
     config.teacher.model.update(TINY)
@@ -110,7 +118,7 @@ def test_distillation_trains_the_dist_head_on_the_teacher_through_the_trainer(
   assert "head_dist" in params and "teacher" not in params
   student = train_lib.build_model(config)
   images = next(data_lib.get_dataset(config).eval_iter(360))["image"]
-  _, out = student.apply({"params": params}, images)
+  _, out = jax.jit(student.apply)({"params": params}, images)
   assert np.mean(np.argmax(out["logits_dist"], -1) == TEACHER_CLASS) == 1.0
   assert np.mean(np.argmax(out["logits_cls"], -1) == TEACHER_CLASS) < 0.5
 
@@ -138,3 +146,14 @@ def test_teacher_from_a_training_workdir_and_a_mismatched_one(tmp_path):
 
   with pytest.raises(ValueError, match="Shapes differ"):
     distill.load_teacher_params(teacher_model(width=24), str(tmp_path))
+
+
+def test_teacher_input_is_resized_and_renormalised(tmp_path):
+  config = distill_config("unused", **{"teacher.mean": "(0.0,0.0,0.0)",
+                                       "teacher.std": "(1.0,1.0,1.0)"})
+  task = distill.Distillation(config)
+  task.teacher = teacher_model()  # 16 px; build_model() would also load its weights.
+  student_images = np.full((2, 8, 8, 3), -0.5, np.float32)  # Student's (x - 0.5) / 0.5.
+  teacher_images = np.asarray(task._teacher_input(student_images))  # pylint: disable=protected-access
+  assert teacher_images.shape == (2, 16, 16, 3)
+  np.testing.assert_allclose(teacher_images, 0.25)  # The pixels, (x - 0) / 1.

@@ -1,10 +1,10 @@
 """Few-shot (closed-form ridge regression) and linear-probe evaluators on frozen features."""
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-import vitjax
 from vitjax import config as config_lib
 from vitjax import data as data_lib
 from vitjax import evaluate
@@ -57,8 +57,8 @@ def test_fewshot_separable_features_are_perfect_from_one_shot():
   train_x, train_y = separable_features()
   test_x, test_y = separable_features(seed=1, per_class=20)
   metrics = fewshot_lib.fewshot_from_features(train_x, train_y, test_x, test_y,
-                                              shots=(1, 5, 10), seeds=(0, 1))
-  assert set(metrics) == {"fewshot/1shot", "fewshot/5shot", "fewshot/10shot"}
+                                              shots=(1, 5), seeds=(0, 1))
+  assert set(metrics) == {"fewshot/1shot", "fewshot/5shot"}
   assert all(value >= 0.99 for value in metrics.values()), metrics
 
 
@@ -85,42 +85,45 @@ def test_fewshot_more_shots_than_a_class_has_is_a_clear_error():
 def test_linear_probe_separable_features_high_accuracy_and_deterministic():
   train_x, train_y = separable_features(noise=1.0, dim=32)
   test_x, test_y = separable_features(noise=1.0, dim=32, seed=1)
-  run = lambda: linear_probe_lib.linear_probe_from_features(
-      train_x, train_y, test_x, test_y, steps=200, seed=3)
-  first, second = run(), run()
-  assert first["linear_probe/top1"] >= 0.98
-  assert first == second
-  heads = [linear_probe_lib.train_linear_probe(train_x, train_y, num_classes=5, steps=50,
-                                               seed=3) for _ in range(2)]
-  jax.tree_util.tree_map(np.testing.assert_array_equal, *heads)
+  train = lambda seed: linear_probe_lib.train_linear_probe(train_x, train_y, num_classes=5,
+                                                           steps=100, seed=seed)
+  head, again, other_seed = train(3), train(3), train(4)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, head, again)
+  assert not np.array_equal(head["kernel"], other_seed["kernel"])
+  predictions = np.argmax(linear_probe_lib.probe_logits(head, test_x), -1)
+  assert np.mean(predictions == test_y) >= 0.98
 
 
-def tiny_model_and_digits():
-  config = config_lib.load_config("configs/quickstart.py:image_size=8")
-  dataset = data_lib.get_dataset(config)
-  model = vitjax.create_model("vit", variant="mu/4", width=32, depth=1, mlp_dim=64,
-                              num_heads=2, patch_size=4, image_size=8, num_classes=10)
-  return model, vitjax.init_params(model, rng=0), dataset
+class PixelFeatures(nn.Module):
+  """A stand-in for any vitjax model: `(logits, out)` with `out['pre_logits']`, cheap to compile."""
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    pre_logits = nn.tanh(nn.Dense(32)(images.reshape(len(images), -1)))
+    logits = nn.Dense(10)(pre_logits)
+    return logits, {"pre_logits": pre_logits, "logits": logits}
 
 
-def test_feature_evaluators_on_a_model_read_pre_logits_of_every_example():
-  model, params, dataset = tiny_model_and_digits()
+def test_feature_evaluators_read_pre_logits_of_every_example_by_name():
+  dataset = data_lib.get_dataset(config_lib.load_config("configs/quickstart.py:image_size=8"))
+  model = PixelFeatures()
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 3)))["params"]
   train_x, train_y = fewshot_lib.extract_features(model, params, dataset, split="train",
-                                                  batch_size=256)
+                                                  batch_size=500)
   test_x, _ = fewshot_lib.extract_features(model, params, dataset, split="eval",
-                                           batch_size=256)
+                                           batch_size=500)
   assert train_x.shape == (1437, 32) and test_x.shape == (360, 32)  # Padding dropped.
-  _, out = model.apply({"params": params}, next(dataset.eval_iter(4, split="train"))["image"])
-  np.testing.assert_allclose(train_x[:4], out["pre_logits"], rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(np.bincount(train_y), np.bincount(
-      np.concatenate([b["label"][b["mask"]] for b in dataset.eval_iter(500, split="train")])))
+  first = next(dataset.eval_iter(500, split="train"))
+  _, out = model.apply({"params": params}, first["image"][:4])
+  np.testing.assert_allclose(train_x[:4], out["pre_logits"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(train_y[:500], first["label"])
 
   # By name, as the trainer calls them. Random features of digits are far above chance.
-  shots = evaluate.run_evaluator("fewshot", model, params, dataset, batch_size=256,
+  shots = evaluate.run_evaluator("fewshot", model, params, dataset, batch_size=500,
                                  shots=(10,), seeds=(0,))
-  probe = evaluate.run_evaluator("linear_probe", model, params, dataset, batch_size=256,
+  probe = evaluate.run_evaluator("linear_probe", model, params, dataset, batch_size=500,
                                  steps=100)
-  assert shots["fewshot/10shot"] > 0.5 and probe["linear_probe/top1"] > 0.7, (shots, probe)
+  assert shots["fewshot/10shot"] > 0.6 and probe["linear_probe/top1"] > 0.8, (shots, probe)
 
   with pytest.raises(KeyError, match="has no 'nope'"):
-    fewshot_lib.fewshot(model, params, dataset, batch_size=256, feature_key="nope")
+    fewshot_lib.fewshot(model, params, dataset, batch_size=500, feature_key="nope")

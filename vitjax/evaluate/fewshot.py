@@ -147,7 +147,7 @@ def fewshot_from_features(train_features, train_labels, test_features, test_labe
     raise ValueError(f"shots={shots}: every count must be between 1 and the size of the "
                      f"smallest class in the training split ({counts.min()} examples of "
                      f"class {counts.argmin()}).")
-  l2_regs = jnp.asarray(np.atleast_1d(l2_regs), jnp.float32)
+  l2_regs = np.atleast_1d(np.asarray(l2_regs, np.float32))
   train_features = np.asarray(train_features, np.float32)
   metrics = {}
   for k in shots:
@@ -159,8 +159,9 @@ def fewshot_from_features(train_features, train_labels, test_features, test_labe
       accuracy, best = _fewshot_accuracies(
           train_features[drawn], train_labels[drawn], select_x, select_y, select_mask,
           test_features, test_labels, l2_regs, num_classes)
+      accuracy, best = jax.device_get((accuracy, best))
       accuracies.append(float(accuracy))
-      chosen.append(float(l2_regs[int(best)]))
+      chosen.append(float(l2_regs[best]))
     metrics[f"fewshot/{k}shot"] = float(np.mean(accuracies))
     if len(l2_regs) > 1:
       metrics[f"fewshot/{k}shot_l2"] = float(np.median(chosen))

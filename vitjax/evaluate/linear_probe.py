@@ -28,20 +28,20 @@ from vitjax.evaluate.fewshot import extract_features
 
 def train_linear_probe(train_features, train_labels, *, num_classes, steps=300,
                        learning_rate=0.01, weight_decay=1e-4, seed=0):
-  """The trained head {'kernel' [D, C], 'bias' [C], 'mean', 'std'} for standardised features."""
-  train_features = jnp.asarray(train_features, jnp.float32)
-  mean = jnp.mean(train_features, axis=0)
-  std = jnp.std(train_features, axis=0) + 1e-6
-  head = _fit(train_features, jnp.asarray(train_labels), mean, std, jax.random.PRNGKey(seed),
-              num_classes=num_classes, steps=int(steps), learning_rate=float(learning_rate),
-              weight_decay=float(weight_decay))
-  return {**head, "mean": mean, "std": std}
+  """The trained head {'kernel' [D, C], 'bias' [C], 'mean', 'std' [D]}, as NumPy arrays.
+
+  The features are standardised by `mean` and `std` before the linear layer.
+  """
+  head = _fit(np.asarray(train_features, np.float32), np.asarray(train_labels),
+              jax.random.PRNGKey(seed), np.float32(learning_rate), np.float32(weight_decay),
+              num_classes=num_classes, steps=int(steps))
+  return jax.device_get(head)
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "steps", "learning_rate",
-                                             "weight_decay"))
-def _fit(features, labels, mean, std, rng, *, num_classes, steps, learning_rate,
-         weight_decay):
+@functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
+def _fit(features, labels, rng, learning_rate, weight_decay, *, num_classes, steps):
+  mean = jnp.mean(features, axis=0)
+  std = jnp.std(features, axis=0) + 1e-6
   x = (features - mean) / std
   head = {"kernel": 0.01 * jax.random.normal(rng, (x.shape[1], num_classes)),
           "bias": jnp.zeros((num_classes,))}
@@ -61,12 +61,13 @@ def _fit(features, labels, mean, std, rng, *, num_classes, steps, learning_rate,
     return (optax.apply_updates(head, updates), opt_state), None
 
   (head, _), _ = jax.lax.scan(step, (head, tx.init(head)), None, length=steps)
-  return head
+  return {**head, "mean": mean, "std": std}
 
 
 def probe_logits(head, features):
-  return ((jnp.asarray(features, jnp.float32) - head["mean"]) / head["std"]
-          @ head["kernel"] + head["bias"])
+  """The head's logits for `features` [N, D] (NumPy)."""
+  x = (np.asarray(features, np.float32) - head["mean"]) / head["std"]
+  return x @ head["kernel"] + head["bias"]
 
 
 def linear_probe_from_features(train_features, train_labels, test_features, test_labels, *,
@@ -76,7 +77,7 @@ def linear_probe_from_features(train_features, train_labels, test_features, test
   if num_classes is None:
     num_classes = int(max(train_labels.max(), np.max(test_labels))) + 1
   head = train_linear_probe(train_features, train_labels, num_classes=num_classes, **options)
-  predictions = np.asarray(jnp.argmax(probe_logits(head, test_features), -1))
+  predictions = np.argmax(probe_logits(head, test_features), -1)
   return {"linear_probe/top1": float(np.mean(predictions == np.asarray(test_labels)))}
 
 
