@@ -207,9 +207,9 @@ def _to_vitjax_names(arrays, model, path, container):
   # 'vit.' / 'deit.' / DDP's 'module.': HF classification heads sit outside the prefix.
   arrays = {name[len(prefix):] if name.startswith(prefix) else name: v
             for name, v in arrays.items()}
-  if layout != "timm":
-    arrays = {name: v for name, v in arrays.items() if name not in pytorch.HF_UNUSED}
-  table = pytorch.TIMM if layout == "timm" else pytorch.HF_IMPORT
+  unused = pytorch.TIMM_UNUSED if layout == "timm" else pytorch.HF_UNUSED
+  arrays = {name: v for name, v in arrays.items() if name not in unused}
+  table = pytorch.TIMM_IMPORT if layout == "timm" else pytorch.HF_IMPORT
   return layout, pytorch.to_vitjax(arrays, table, model.num_heads)
 
 
@@ -288,6 +288,14 @@ def _hints(params, template, differing):
   if "fc_norm.weight" in params:
     hints.append("timm's fc_norm (a LayerNorm after average pooling) has no counterpart: vitjax "
                  "normalises the tokens before pooling.")
+  rope = lambda names: any(n.endswith("/rope_frequencies") for n in names)
+  if rope(params) and not rope(template):
+    hints.append("The checkpoint has learned RoPE frequencies (RoPE-Mixed): the model needs "
+                 "rope='mixed'.")
+  elif rope(template) and not rope(params):
+    hints.append("The model has rope='mixed' but the checkpoint has no learned RoPE "
+                 "frequencies: rope='axial' (fixed frequencies) or None may be what it was "
+                 "trained with.")
   if all(n.split("/")[0] in HEAD_NAMES for n in differing):
     hints.append("Only the classifier differs: head='reinit' loads everything else and "
                  "initialises the model's head afresh.")

@@ -48,6 +48,21 @@ TIMM = [
     ("head_dist", "head_dist", "dense"),
 ]
 
+# RoPE ViTs ("Rotary Position Embedding for Vision Transformer", Heo et al. 2024), read only:
+# naver-ai/rope-vit's DeiT-III state dicts (LayerScale as gamma_1/gamma_2, learned RoPE-Mixed
+# frequencies as `freqs`, (2, depth, heads * head_dim / 2)) and timm's eva.py ports of them
+# (vit_*_patch16_rope*_224: the same names, `rope.freqs` (2, depth, heads, head_dim / 2)).
+# The rest of their names are timm's ViT names above. Both rotate the same way as vitjax.
+ROPE_VIT = [
+    ("blocks.{i}.gamma_1", _BLOCK + "/LayerScale_0/scale", "param"),
+    ("blocks.{i}.gamma_2", _BLOCK + "/LayerScale_1/scale", "param"),
+    ("freqs", "Transformer", "rope_frequencies"),
+    ("rope.freqs", "Transformer", "rope_frequencies"),
+]
+TIMM_IMPORT = TIMM + ROPE_VIT
+# naver's RoPE-Mixed buffers of patch x/y positions, recomputed from the input's grid.
+TIMM_UNUSED = ("freqs_t_x", "freqs_t_y")
+
 # Names as published on the Hugging Face hub (what every transformers version loads),
 # without the 'vit.' / 'deit.' prefix of the classification models.
 HF = [
@@ -117,6 +132,14 @@ def _import(kind, leaf, x, num_heads):
   """A torch tensor of module `kind` -> {vitjax name suffix: array}."""
   if kind == "param":
     return {"": x}
+  if kind == "rope_frequencies":
+    # (2 for x/y, depth, heads [* pairs][, pairs]) -> each block's (heads, pairs, x/y).
+    if x.ndim in (3, 4) and len(x) == 2 and np.prod(x.shape[2:]) % num_heads == 0:
+      x = np.reshape(x, (2, x.shape[1], num_heads, -1))
+    # Otherwise left as it is: the shape check then reports it against the model.
+    per_block = np.moveaxis(x, 0, -1)
+    return {f"encoderblock_{i}/MultiHeadDotProductAttention_0/rope_frequencies": f
+            for i, f in enumerate(per_block)}
   if kind == "norm":
     return {"scale" if leaf == "weight" else leaf: x}
   if leaf == "bias":
@@ -174,7 +197,8 @@ def _export(kind, params, path):
 
 def _pattern(template, kind):
   regex = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)")
-  return re.compile(regex if kind == "param" else regex + r"\.(?P<leaf>weight|bias)")
+  whole_tensor = kind in ("param", "rope_frequencies")
+  return re.compile(regex if whole_tensor else regex + r"\.(?P<leaf>weight|bias)")
 
 
 def to_vitjax(state_dict, table, num_heads):

@@ -175,6 +175,26 @@ def _register_vits():
                  **vit.decode_variant(f"{size}/16"))
 
 
+def _register_rope_vits():
+  """RoPE ViTs: DeiT-III (LayerScale, class token) with 2-D RoPE, by naver's and timm's names.
+
+  naver-ai/rope-vit's `rope_{axial,mixed}[_ape]_deit_{size}_patch16_LS`, ported to timm as
+  `vit_{size}_patch16_rope[_mixed][_ape]_224`: axial (theta 100) or mixed (learned, theta 10)
+  frequencies, with ('_ape') or without learned absolute position embeddings.
+  """
+  paper = "Rotary Position Embedding for Vision Transformer (Heo et al., 2024)"
+  for size_name, size in (("small", "S"), ("base", "B"), ("large", "L")):
+    for rope in ("axial", "mixed"):
+      for ape in (False, True):
+        config = dict(image_size=224, rope=rope, posemb="learn" if ape else "none",
+                      posemb_resize="bicubic", layer_scale_init=1e-4,
+                      **vit.decode_variant(f"{size}/16"))
+        tags = ("_mixed" if rope == "mixed" else "") + ("_ape" if ape else "")
+        for name in (f"vit_{size_name}_patch16_rope{tags}_224",
+                     f"rope_{rope}{'_ape' if ape else ''}_deit_{size_name}_patch16_224"):
+          register(name, vit.VisionTransformer, paper=paper, **config)
+
+
 def _register_illamas():
   paper = "Adapting LLaMA Decoder to Vision Transformer (Wang et al., 2024)"
   # The SwiGLU width is 2/3 of ViT's 4x MLP, rounded up to a multiple of 256 (LLaMA's
@@ -198,6 +218,7 @@ def _register_mixers():
 
 
 _register_vits()
+_register_rope_vits()
 _register_illamas()
 _register_mixers()
 swin.register_swins(register, mean=IMAGENET_MEAN, std=IMAGENET_STD)

@@ -52,6 +52,10 @@ def resize_posemb(posemb, new_grid, num_prefix_tokens=0, method="bilinear"):
 # Heo et al. 2024). Queries and keys are rotated pairwise by angles that grow with
 # the token's (x, y) position, so q.k depends on relative positions only, and any
 # grid size works: a model trained at one resolution runs at another.
+# The conventions are the authors' (naver-ai/rope-vit, and timm's eva.py port), so their
+# weights load as they are: consecutive channel pairs (2i, 2i+1) rotate together (their
+# complex view), positions are the patch column x and row y in patch units, unscaled at
+# any resolution, and the class token is not rotated.
 
 
 def patch_positions(grid_h, grid_w, num_prefix_tokens=0, num_registers=0):
@@ -108,7 +112,10 @@ def rope_mixed_init(rng, num_heads, head_dim, theta=10.0):
 
 def rope_angles(positions, frequencies):
   """Angles (..., tokens, head_dim // 2) for (tokens, 2) positions and (..., pairs, 2) frequencies."""
-  return jnp.einsum("tc,...pc->...tp", positions, frequencies)
+  # Full float32: positions reach tens, and a TF32/bf16 matmul would be off by whole
+  # hundredths of a radian there (the authors turn autocast off for the same reason).
+  return jnp.einsum("tc,...pc->...tp", positions, frequencies,
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 def apply_rope(x, angles, rotated):
