@@ -148,12 +148,12 @@ def test_teacher_from_a_training_workdir_and_a_mismatched_one(tmp_path):
     distill.load_teacher_params(teacher_model(width=24), str(tmp_path))
 
 
-def test_teacher_input_is_resized_and_renormalised(tmp_path):
+def test_teacher_input_is_resized_and_renormalised():
   config = distill_config("unused", **{"teacher.mean": "(0.0,0.0,0.0)",
                                        "teacher.std": "(1.0,1.0,1.0)"})
   task = distill.Distillation(config)
   task.teacher = teacher_model()  # 16 px; build_model() would also load its weights.
   student_images = np.full((2, 8, 8, 3), -0.5, np.float32)  # Student's (x - 0.5) / 0.5.
-  teacher_images = np.asarray(task._teacher_input(student_images))  # pylint: disable=protected-access
+  teacher_images = np.asarray(task.teacher_input(student_images))
   assert teacher_images.shape == (2, 16, 16, 3)
   np.testing.assert_allclose(teacher_images, 0.25)  # The pixels, (x - 0) / 1.

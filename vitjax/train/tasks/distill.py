@@ -124,11 +124,12 @@ class Distillation(Task):
 
   def teacher_logits(self, images, teacher_params):
     """The teacher's inference logits for the student's (normalised) batch."""
-    images = self._teacher_input(images)
+    images = self.teacher_input(images)
     logits, _ = self.teacher.apply({"params": teacher_params}, images)
     return jax.lax.stop_gradient(logits)
 
-  def _teacher_input(self, images):
+  def teacher_input(self, images):
+    """The student's batch as the teacher expects it: its resolution, its normalisation."""
     size = getattr(self.teacher, "image_size", None)
     if size and images.shape[1:3] != (size, size):
       images = jax.image.resize(images, images.shape[:1] + (size, size) + images.shape[3:],
