@@ -116,7 +116,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys
   # a full disk): its metadata still reads fine.
   data_files = [os.path.join(folder, name)
                 for folder, _, files in os.walk(os.path.join(latest, "state"))
-                for name in files if os.path.basename(folder) == "d"]
+                for name in files if "ocdbt.process_" in folder and folder.endswith("d")]
   largest = max(data_files, key=os.path.getsize)
   os.truncate(largest, os.path.getsize(largest) // 2)
   result = train_lib.train(tiny_config(total_steps=6), workdir, progress=False)
