@@ -32,10 +32,6 @@ class TrainingDivergedError(RuntimeError):
   """The loss became NaN or infinite; the message names the step."""
 
 
-class TrainingStopped(RuntimeError):
-  """A fault the run cannot continue through; the message says what and what to do."""
-
-
 def build_model(config):
   """The model named by `config.model.name`, built from the other `config.model` keys."""
   options = dict(config.model)
