@@ -319,11 +319,14 @@ def _check_and_summarise(pending):
 
 
 def _data_counters(dataset):
-  """Counters the dataset exposes, e.g. how many undecodable images it skipped so far."""
+  """Counters the dataset exposes: how many undecodable images it skipped so far.
+
+  Logged from the first skipped image on, so clean runs get no always-zero series.
+  """
   bad_images = getattr(dataset, "bad_images_skipped", None)
   if callable(bad_images):
     bad_images = bad_images()
-  return {} if bad_images is None else {"data/bad_images_skipped": float(bad_images)}
+  return {"data/bad_images_skipped": float(bad_images)} if bad_images else {}
 
 
 def _loss_postfix(summary):
