@@ -101,7 +101,7 @@ def test_sigkill_at_a_random_step_then_rerun_ends_bitwise_like_an_uninterrupted_
   straight_log = open(tmp_path / "straight.log", "w")  # pylint: disable=consider-using-with
   straight = subprocess.Popen(command(tmp_path / "straight"), stdout=straight_log,
                               stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-  kill_after = random.randint(6, 30)
+  kill_after = random.randint(6, 20)
   workdir = tmp_path / "killed"
   with open(tmp_path / "killed.log", "w") as log:
     process = subprocess.Popen(command(workdir), stdout=log, stderr=subprocess.STDOUT,
@@ -121,7 +121,8 @@ def test_sigkill_at_a_random_step_then_rerun_ends_bitwise_like_an_uninterrupted_
   resumed = run(workdir)
   assert resumed.returncode == 0, resumed.stderr
   resumed_from = int(resumed.stdout.split("Resuming from the checkpoint at step ")[1].split()[0])
-  assert 5 <= resumed_from < 40 and resumed_from % 5 == 0, (kill_after, resumed.stdout)
+  # (40, the end, only if this machine stalled the test for the run's last 20 steps.)
+  assert 5 <= resumed_from <= 40 and resumed_from % 5 == 0, (kill_after, resumed.stdout)
 
   assert_trees_equal(checkpoints_lib.load_params(str(tmp_path / "straight")),
                      checkpoints_lib.load_params(str(workdir)))
