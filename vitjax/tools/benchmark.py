@@ -37,8 +37,15 @@ import time
 # XLA options for compiling the step on a CPU, per executable: `jax.jit(step,
 # compiler_options=CPU_COMPILER_OPTIONS)`, or process-wide as XLA_FLAGS="--NAME=VALUE".
 # Measured with jax 0.10.2 on ViT-S/16 (BENCHMARKS.md); none changes the arithmetic beyond
-# the order of fp32 sums.
-CPU_COMPILER_OPTIONS = {}
+# the order of fp32 sums. The trainer compiles its train step with them too.
+# - No YNNPACK fusions: jax 0.10's XLA hands dots, reductions and the attention softmax to
+#   YNNPACK; XLA's own dot kernels (Eigen) ran ViT-S/16 inference 20% faster on one core.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def compiler_options(backend):
+  """The options to compile a vitjax step with on `backend` ('cpu', 'gpu', ...), or None."""
+  return dict(CPU_COMPILER_OPTIONS) if backend == "cpu" and CPU_COMPILER_OPTIONS else None
 
 # Peak dense TFLOP/s (bfloat16, float32) by a substring of `device.device_kind`, first match
 # wins. float32 is what a float32 matmul runs at under JAX's default precision: TF32 tensor
@@ -484,7 +491,7 @@ def main(argv=None):
   images = jax.random.normal(image_key, (batch, size, size, channels), jnp.float32)
   labels = jax.random.randint(label_key, (batch,), 0, probe.num_classes or 1000)
 
-  options = None if args.xla_defaults or not on_cpu else dict(CPU_COMPILER_OPTIONS) or None
+  options = None if args.xla_defaults else compiler_options(platform)
   run_vitjax, compiled, model, options = build_vitjax(args, jnp.dtype(dtype_name), images,
                                                       labels, options)
   runners = {"vitjax": run_vitjax}
