@@ -17,7 +17,7 @@ vitjax's speed relative to it: with timm installed, `timm.create_model(name)` un
 the same random inputs, generated once on the device, and their steps alternate, so that a
 change in the machine's load hits both alike.
 
-On a CPU the vitjax step is compiled with `CPU_COMPILER_OPTIONS` (see there; `--xla_defaults`
+On a CPU the vitjax step is compiled with vitjax.xla_options (as the trainer does; `--xla_defaults`
 leaves them out). Of vitjax it imports only `vitjax.models`, so it runs where ml-collections,
 grain and tensorflow-datasets are not installed.
 """
@@ -34,18 +34,12 @@ import statistics
 import sys
 import time
 
-# XLA options for compiling the step on a CPU, per executable: `jax.jit(step,
-# compiler_options=CPU_COMPILER_OPTIONS)`, or process-wide as XLA_FLAGS="--NAME=VALUE".
-# Measured with jax 0.10.2 on ViT-S/16 (BENCHMARKS.md); none changes the arithmetic beyond
-# the order of fp32 sums. The trainer compiles its train step with them too.
-# - No YNNPACK fusions: jax 0.10's XLA hands dots, reductions and the attention softmax to
-#   YNNPACK; XLA's own dot kernels (Eigen) ran ViT-S/16 inference 20% faster on one core.
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
+# XLA options for compiling the step on a CPU (vitjax/xla_options.py; the trainer uses them
+# too): the vitjax step is measured as users run it. `--xla_defaults` leaves them out.
 def compiler_options(backend):
-  """The options to compile a vitjax step with on `backend` ('cpu', 'gpu', ...), or None."""
-  return dict(CPU_COMPILER_OPTIONS) if backend == "cpu" and CPU_COMPILER_OPTIONS else None
+  """The options vitjax compiles its steps with on `backend` ('cpu', 'gpu', ...), or None."""
+  from vitjax import xla_options  # pylint: disable=import-outside-toplevel  # Imports jax.
+  return xla_options.compiler_options(backend)
 
 # Peak dense TFLOP/s (bfloat16, float32) by a substring of `device.device_kind`, first match
 # wins. float32 is what a float32 matmul runs at under JAX's default precision: TF32 tensor
@@ -455,7 +449,7 @@ def parse_args(argv):
                       help="torch.compile the PyTorch model; auto: on a GPU only (compiling "
                       "takes minutes on a CPU)")
   parser.add_argument("--xla_defaults", action="store_true", help="on a CPU, compile the "
-                      "vitjax step without CPU_COMPILER_OPTIONS")
+                      "vitjax step without vitjax.xla_options")
   parser.add_argument("--peak_tflops", type=float, help="peak TFLOP/s for MFU (default: "
                       "from the device kind)")
   parser.add_argument("--markdown", action="store_true", help="a Markdown table for BENCHMARKS.md")
