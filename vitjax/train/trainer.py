@@ -21,12 +21,12 @@ import numpy as np
 
 from vitjax import evaluate as evaluate_lib
 from vitjax import models
+from vitjax import xla_options
 from vitjax.train import checkpoints as checkpoints_lib
 from vitjax.train import metrics as metrics_lib
 from vitjax.train import optim
 from vitjax.train import sharding as sharding_lib
 from vitjax.train import tasks
-from vitjax.tools import benchmark
 
 
 class TrainingDivergedError(RuntimeError):
@@ -217,7 +217,7 @@ def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progres
       in_shardings=(state_shardings, batch_sharding, replicated, constant_shardings),
       out_shardings=(state_shardings, replicated),
       donate_argnums=(0,),
-      compiler_options=benchmark.compiler_options(jax.default_backend()))  # CPU speed.
+      compiler_options=xla_options.compiler_options())
   batches = dataset.train_iter(config.batch_size, seed=config.seed, start_step=start_step,
                                process_index=jax.process_index(),
                                process_count=jax.process_count())
