@@ -11,6 +11,9 @@ BIN := $(VENV)/bin
 # A CPU build of PyTorch, installed before transformers so that pip does not fetch a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 WORKDIR ?= workdirs/quickstart
+# Test processes (pytest-xdist): the suite is mostly single-threaded compilation, so two
+# workers on two cores take about half the time of one.
+TEST_WORKERS ?= 2
 
 .PHONY: quickstart test clean
 
@@ -32,7 +35,7 @@ quickstart: $(VENV)/.installed
 	$(BIN)/python -m vitjax.train --config configs/quickstart.py --workdir $(WORKDIR)
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
 
 clean:
 	rm -rf $(VENV) workdirs

@@ -23,7 +23,7 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # The PyTorch CPU build is the numerical oracle for weight conversion.
     # `make test` installs torch==2.13.0 first so that pip does not pull a CUDA build.
-    "test": ["pytest>=8.0", "torch>=2.4", "transformers>=4.46"],
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "torch>=2.4", "transformers>=4.46"],
 }
 
 setuptools.setup(

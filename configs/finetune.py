@@ -16,17 +16,18 @@ Fine-tune from published weights (an AugReg .npz, or timm / HF .safetensors):
 
     python -m vitjax.train --config configs/finetune.py:dataset=cifar10 \
         --workdir workdirs/vit_b16_cifar10 --config.data_dir=$TFDS_DATA_DIR \
-        --config.init_weights=ViT-B_16-i21k.npz
+        --config.init=ViT-B_16-i21k.npz
 
 Expected top-1 on the test split for ViT-B/16 pretrained on ImageNet-21k and
-fine-tuned at 384 (ViT paper, Dosovitskiy et al. 2021, Table 5): CIFAR-10 98.95,
-CIFAR-100 91.67, Oxford-IIIT Pets 94.43, Oxford Flowers-102 99.38. AugReg's
+fine-tuned at 384 (ViT paper, Dosovitskiy et al. 2021, Table 5; quoted from memory
+of the table, so check it before citing): CIFAR-10 98.95, CIFAR-100 91.67, Oxford-IIIT
+Pets 94.43, Oxford Flowers-102 99.38. AugReg's
 ImageNet-21k checkpoints (Steiner et al.) are trained longer with more augmentation
 and should match or beat these. None of these runs has been made by vitjax: no
 weights or datasets can be downloaded where it is developed.
 
 Arguments after the colon: `dataset` (cifar10, cifar100, pets, flowers102),
-`variant`, `image_size`, `init` (same as --config.init_weights), `steps` (None: the
+`variant`, `image_size`, `init` (same as --config.init), `steps` (None: the
 paper's schedule for that dataset).
 """
 
@@ -105,7 +106,7 @@ def get_config(arg=None):
       attention_impl=None,
       dtype="bfloat16",
   )
-  config.init_weights = arg.init or None
+  config.init = arg.init or None
   config.init_head = "reinit"
   config.label_smoothing = 0.0
 

@@ -8,7 +8,7 @@ then LiT-tuning of a text tower against it, zero-shot on the 360 test digits:
 
     python -m vitjax.train --config configs/lit_digits.py --workdir workdirs/lit_digits
 
-`init_weights` (here the image tower's) may be a training workdir (its latest
+`init` (here the image tower's) may be a training workdir (its latest
 checkpoint) or any file `vitjax.load_weights` reads. Arguments: `configs/lit_digits.py:loss=softmax,steps=600`
 (loss='sigmoid' is SigLIP's, 'softmax' CLIP's); `locked=False` trains both towers
 from the checkpoint. Expected: see experiments/contrastive.md.
@@ -47,7 +47,7 @@ def get_config(arg=None):
   )
   # An image model's checkpoint (workdir or file) initialises the image tower; the text
   # tower starts fresh. Its classifier is dropped (init_head='reinit').
-  config.init_weights = arg.image_init
+  config.init = arg.image_init
   config.init_head = "reinit"
 
   config.task = "contrastive"

@@ -49,7 +49,7 @@ def get_config(arg=None):
       attention_impl=None,
       dtype="float32",
   )
-  config.init_weights = None
+  config.init = None
   config.init_head = "error"
 
   config.task = "mae"

@@ -51,7 +51,7 @@ def get_config(arg=None):
       attention_impl=None,
       dtype="float32",
   )
-  config.init_weights = None if arg.scratch else arg.init
+  config.init = None if arg.scratch else arg.init
   config.init_head = "reinit"
 
   config.task = "supervised"

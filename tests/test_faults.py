@@ -109,7 +109,10 @@ def test_sigkill_at_a_random_step_then_rerun_ends_bitwise_like_an_uninterrupted_
     metrics = workdir / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
-      if metrics.exists() and f'"step": {kill_after},' in metrics.read_text():
+      # Past the random step, and once the first checkpoint is complete (orbax renames
+      # its temporary directory to the step number when the asynchronous write ends).
+      if (metrics.exists() and f'"step": {kill_after},' in metrics.read_text()
+          and (workdir / "checkpoints" / "5").is_dir()):
         break
       time.sleep(0.005)
     assert process.poll() is None, f"the run ended before step {kill_after}; see killed.log"

@@ -215,7 +215,7 @@ def test_lit_training_keeps_the_locked_image_tower_bitwise(tmp_path):
   image_model = vitjax.create_model("vit", **dict(config.model.image, num_classes=10))
   pretrained = vitjax.init_params(image_model, rng=7)
   vitjax.save_weights(pretrained, tmp_path / "vit.npz")
-  config.init_weights = str(tmp_path / "vit.npz")  # An image model's: the image tower's.
+  config.init = str(tmp_path / "vit.npz")  # An image model's: the image tower's.
   result = trainer.train(config, str(tmp_path / "run"), progress=False)
   assert 0.0 <= result["eval/zeroshot_top1"] <= 1.0 and "eval/i2t_recall@1" in result
   params = checkpoints.load_params(str(tmp_path / "run"))

@@ -8,6 +8,7 @@
 
 from vitjax.convert import CheckpointError, CheckpointMismatchError, load_weights, save_weights
 from vitjax.models import UnknownModelError, create_model, init_params, list_models
+from vitjax import text  # Tokenizers for the two-tower models: vitjax.text.ByteTokenizer.
 
 __version__ = "0.1.0"
 __all__ = ["CheckpointError", "CheckpointMismatchError", "UnknownModelError", "create_model",

@@ -3,7 +3,7 @@
     config.task = 'contrastive'
     config.model = dict(name='siglip_mu', ...)          # a vitjax.models.two_towers model
     config.contrastive = dict(loss='sigmoid', ...)      # or 'softmax' (CLIP)
-    config.init_weights = {'img': 'vit.npz'}            # LiT: a pre-trained image tower,
+    config.init = 'vit.npz'                             # LiT: a pre-trained image tower,
     config.optimizer.freeze = '^img/'                   # ... locked
 
 Labelled image datasets become image-text datasets here: each training example
