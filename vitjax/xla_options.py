@@ -17,8 +17,9 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 @functools.lru_cache(maxsize=None)
 def _accepted(backend, options):
   try:
-    jax.jit(lambda x: x + 1, backend=backend, compiler_options=dict(options)).lower(
-        jnp.zeros(())).compile()
+    # An input committed to a device of `backend` compiles for that backend.
+    probe = jax.device_put(jnp.zeros(()), jax.devices(backend)[0])
+    jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(probe).compile()
   except Exception:  # pylint: disable=broad-except
     return False
   return True
