@@ -67,6 +67,7 @@ def get_config(arg=None):
       end_learning_rate=1e-5,
       freeze=None,  # Regex(es) over parameter names never to update, e.g. '^Transformer/'.
       lr_multipliers=None,  # ((regex, factor), ...): first match scales the learning rate.
+      layer_decay=None,  # e.g. 0.75: block i learns at 0.75^(depth - i) (MAE/BEiT fine-tuning).
   )
 
   # Parallelism (vitjax.train.sharding): mesh axis sizes, -1 = all remaining devices,
