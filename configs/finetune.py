@@ -64,34 +64,15 @@ def get_config(arg=None):
   config.data_dir = None  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
   config.train_split = train_split
   config.eval_split = test_split
-  config.input = dict(
+  config.input.update(
       image_size=arg.image_size,
       random_crop_padding=0,
-      pad_mode="constant",
       flip=True,
-      channels=3,
       mean=(0.5, 0.5, 0.5),  # AugReg / original ViT weights expect [-1, 1].
       std=(0.5, 0.5, 0.5),
-      image_key="image",
-      label_key="label",
-      num_threads=None,
       inception_crop=True,
-      inception_crop_scale=(0.08, 1.0),
-      inception_crop_ratio=(3 / 4, 4 / 3),
-      randaugment_ops=0,
-      randaugment_magnitude=9.0,
-      randaugment_magnitude_std=0.5,
-      randaugment_increasing=False,
-      mixup_alpha=0.0,
-      cutmix_alpha=0.0,
-      mixup_prob=1.0,
-      mixup_switch_prob=0.5,
-      random_erasing_prob=0.0,
-      random_erasing_mode="pixel",
       crop_pct=1.0,
       interpolation="bilinear",
-      preprocess_from_model=False,  # Or a name such as 'vit_base_patch16_384'.
-      skip_bad_images=False,
   )
 
   config.model = dict(

@@ -49,34 +49,20 @@ def get_config(arg=None):
   config.data_dir = None  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
   config.train_split = "train"
   config.eval_split = "validation"
-  config.input = dict(
+  config.input.update(
       image_size=arg.image_size,
       random_crop_padding=0,
-      pad_mode="constant",
       flip=True,
-      channels=3,
       mean=IMAGENET_MEAN,
       std=IMAGENET_STD,
-      image_key="image",
-      label_key="label",
-      num_threads=None,  # None: up to 8 reader threads.
       inception_crop=True,
-      inception_crop_scale=(0.08, 1.0),
-      inception_crop_ratio=(3 / 4, 4 / 3),
       randaugment_ops=2,  # rand-m9-mstd0.5-inc1
-      randaugment_magnitude=9.0,
-      randaugment_magnitude_std=0.5,
       randaugment_increasing=True,
       mixup_alpha=0.8,
       cutmix_alpha=1.0,
-      mixup_prob=1.0,
-      mixup_switch_prob=0.5,
       random_erasing_prob=0.25,
-      random_erasing_mode="pixel",
       crop_pct=0.875,
       interpolation="bicubic",
-      preprocess_from_model=False,  # True: mean/std/crop_pct of config.model.name.
-      skip_bad_images=False,
   )
 
   config.model = dict(

@@ -30,6 +30,29 @@ def get_config(arg=None):
       channels=3,
       mean=(0.5, 0.5, 0.5),
       std=(0.5, 0.5, 0.5),
+      pad_mode="constant",  # Or 'edge', for the random-crop padding.
+      image_key="image",  # TFDS feature names.
+      label_key="label",
+      num_threads=None,  # Batch-building threads; None: 0 in memory, up to 8 from disk.
+      # Augmentation (vitjax/data/augment.py, timm's semantics); all off for the digits.
+      inception_crop=False,  # RandomResizedCrop with the scale and ratio ranges below.
+      inception_crop_scale=(0.08, 1.0),
+      inception_crop_ratio=(3 / 4, 4 / 3),
+      randaugment_ops=0,  # rand-m9-mstd0.5-inc1 = 2 ops, magnitude 9, std 0.5, increasing.
+      randaugment_magnitude=9.0,
+      randaugment_magnitude_std=0.5,
+      randaugment_increasing=False,
+      mixup_alpha=0.0,  # Mixup / CutMix make the labels soft targets.
+      cutmix_alpha=0.0,
+      mixup_prob=1.0,
+      mixup_switch_prob=0.5,
+      random_erasing_prob=0.0,
+      random_erasing_mode="pixel",
+      # Evaluation: resize the shorter side to image_size / crop_pct, centre-crop.
+      crop_pct=1.0,
+      interpolation="bilinear",
+      preprocess_from_model=False,  # True: mean/std/crop_pct of config.model.name.
+      skip_bad_images=False,  # True: undecodable records are replaced and counted.
   )
 
   config.model = dict(
