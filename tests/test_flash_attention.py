@@ -2,7 +2,9 @@
 
 Outputs and gradients for q, k, v and the bias, over lengths that are and are
 not multiples of the block size, several head dims and head counts, with masks,
-segment ids, causal masking and biases.
+segment ids, causal masking and biases. The same kernels are also lowered for
+GPUs (Triton) and TPUs (Mosaic) from the CPU, so a change the accelerators'
+Pallas front ends reject fails here, not on the first accelerator run.
 """
 
 import jax
@@ -158,3 +160,42 @@ def test_vit_forward_and_backward_with_pallas_equal_xla():
   np.testing.assert_allclose(loss_pallas, loss_xla, rtol=1e-5)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4),
                          grads_pallas, grads_xla)
+
+
+KERNELS = ("vitjax_flash_forward", "vitjax_flash_backward_dkdv", "vitjax_flash_backward_dq")
+LOWERING_CASES = [  # (q_len, k_len, head_dim, dtype, options)
+    (197, 197, 64, jnp.bfloat16, dict(bias=True, mask=True, segments=True, causal=True)),
+    (7, 64, 128, jnp.float32, dict(mask=True, causal=True)),  # q_len < k_len: decoding.
+    (577, 577, 32, jnp.float16, dict(segments=True)),
+    (1025, 1025, 128, jnp.bfloat16, dict(bias=True)),
+    (50, 50, 80, jnp.float32, dict()),  # Head dim padded to 128.
+]
+
+
+@pytest.mark.parametrize("platform,lowering", [("gpu", "cuda"), ("tpu", "tpu")])
+def test_forward_and_backward_lower_for_accelerators(platform, lowering):
+  for q_len, k_len, head_dim, dtype, options in LOWERING_CASES:
+    options = dict(options)
+    causal = options.pop("causal", False)
+    q, k, v, kwargs, _ = make_inputs(2, q_len, k_len, 3, head_dim, dtype=dtype, **options)
+    differentiable = {"bias": kwargs.pop("bias")} if "bias" in kwargs else {}
+
+    def loss(q, k, v, differentiable):
+      out = ops.flash_attention(q, k, v, causal=causal, platform=platform, **kwargs,
+                                **differentiable)
+      return jnp.sum(out.astype(jnp.float32))
+
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3))
+    args = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                  (q, k, v, differentiable))
+    text = jax.jit(grad).trace(*args).lower(lowering_platforms=(lowering,)).as_text()
+    for kernel in KERNELS:
+      assert kernel in text, (kernel, q_len, k_len, head_dim, options)
+
+
+def test_kernels_run_only_interpreted_on_the_cpu():
+  q, k, v, _, _ = make_inputs(1, 8, 8, 1, 32)
+  with pytest.raises(ValueError, match="interpret=True"):
+    ops.flash_attention(q, k, v, interpret=False)
+  with pytest.raises(ValueError, match="not 'metal'"):
+    ops.flash_attention(q, k, v, platform="metal")

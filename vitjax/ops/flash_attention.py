@@ -19,7 +19,15 @@ diagonal are skipped.
 
 The same kernels lower to Triton on NVIDIA GPUs and to Mosaic on TPUs, and run
 in interpret mode on the CPU, where the tests check them against the 'xla'
-reference.
+reference. The tests also lower them for 'cuda' and 'tpu' from the CPU
+(`platform=`, with `jax.jit(...).trace(...).lower(lowering_platforms=...)`),
+which catches what each Pallas front end rejects (tile shapes, unsupported
+operations) without the hardware; what the Triton and Mosaic compilers decide
+after that (registers, shared memory, VMEM) shows only on the device. Per-row statistics (log-sum-exp,
+the softmax-gradient correction) and segment ids are kept as columns
+(length, 1) and rows (1, length), so every tile is 2-D, broadcasts without a
+transpose, and meets Mosaic's tiling rule (last two tile dimensions divisible
+by (8, 128) or whole).
 """
 
 import dataclasses
@@ -29,20 +37,33 @@ from typing import Optional
 
 import jax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
+
+try:  # Deprecated in JAX 0.11 in favour of Mosaic GPU; kept while it ships.
+  from jax.experimental.pallas import triton as pltriton
+except ImportError:  # pragma: no cover - a JAX without the Triton backend.
+  pltriton = None
 
 # Internally the kernels see (batch, heads, length, head_dim): one (batch, head)
 # pair per grid row, and contiguous (block, head_dim) tiles.
 _MIN_BLOCK = 16  # The smallest tile a GPU matrix unit takes.
+PLATFORMS = ("cpu", "gpu", "tpu")  # What the kernels are built for; 'cpu' interprets them.
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes along the query and key axes, for the forward and backward kernels."""
+  """Tile sizes along the query and key axes, for the forward and backward kernels.
+
+  `num_warps` and `num_stages` are Triton's launch parameters (GPU only): warps
+  per program and software-pipelining depth of the key/query loops.
+  """
   block_q: int = 128
   block_k: int = 128
   block_q_bwd: int = 64
   block_k_bwd: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
 
   @classmethod
   def default(cls, head_dim, backend=None):
@@ -51,14 +72,19 @@ class BlockSizes:
     if backend == "tpu":
       return cls(256, 512, 256, 256)  # Mosaic wants lane-aligned (x128) tiles.
     if backend == "gpu" and head_dim > 64:
-      return cls(128, 64, 64, 64)  # Keep the fp32 accumulators in registers.
+      return cls(128, 64, 64, 64, num_warps=8)  # Keep the fp32 accumulators in registers.
     return cls()
 
   def fitted(self, q_len, k_len):
-    """Shrinks tiles for short sequences (a 7-token sequence needs no 128-row tile)."""
+    """Shrinks tiles for short sequences (a 7-token sequence needs no 128-row tile).
+
+    A tile shrunk below 128 covers its whole (padded) axis, which keeps Mosaic's
+    tiling rule on TPUs.
+    """
     fit = lambda block, length: max(_MIN_BLOCK, min(block, pl.next_power_of_2(length)))
-    return BlockSizes(fit(self.block_q, q_len), fit(self.block_k, k_len),
-                      fit(self.block_q_bwd, q_len), fit(self.block_k_bwd, k_len))
+    return dataclasses.replace(
+        self, block_q=fit(self.block_q, q_len), block_k=fit(self.block_k, k_len),
+        block_q_bwd=fit(self.block_q_bwd, q_len), block_k_bwd=fit(self.block_k_bwd, k_len))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +95,7 @@ class _Static:
   q_len: int  # True (unpadded) lengths.
   k_len: int
   blocks: BlockSizes
+  platform: str  # 'cpu' (interpreted), 'gpu' (Triton) or 'tpu' (Mosaic).
   interpret: bool
   has_bias: bool
   has_mask: bool
@@ -83,7 +110,7 @@ class _Static:
 
 def flash_attention(q, k, v, *, bias=None, mask=None, segment_ids=None, causal=False,
                     scale=None, block_sizes: Optional[BlockSizes] = None,
-                    interpret: Optional[bool] = None):
+                    interpret: Optional[bool] = None, platform: Optional[str] = None):
   """Fused attention; same contract as `vitjax.ops.dot_product_attention`.
 
   Args:
@@ -96,6 +123,9 @@ def flash_attention(q, k, v, *, bias=None, mask=None, segment_ids=None, causal=F
     scale: multiplies q k^T; defaults to 1/sqrt(head_dim).
     block_sizes: tile sizes; defaults per platform and shape.
     interpret: run the kernels in the Pallas interpreter (default: on the CPU).
+    platform: 'gpu' (Triton), 'tpu' (Mosaic) or 'cpu'; what the kernels are
+      built for. Defaults to the platform this runs on; name another only to
+      lower for it from here (`lower_for`).
 
   Returns:
     (batch, q_len, heads, head_dim) in the dtype of `v`.
@@ -107,9 +137,16 @@ def flash_attention(q, k, v, *, bias=None, mask=None, segment_ids=None, causal=F
                      f"equal B, H, D; got {q.shape}, {k.shape}, {v.shape}.")
   if scale is None:
     scale = 1.0 / math.sqrt(head_dim)
+  platform = platform or jax.default_backend()
+  if platform not in PLATFORMS:
+    raise ValueError(f"flash_attention runs on {', '.join(PLATFORMS)}, not {platform!r}.")
   if interpret is None:
-    interpret = jax.default_backend() == "cpu"
-  blocks = (block_sizes or BlockSizes.default(head_dim)).fitted(q_len, k_len)
+    interpret = platform == "cpu"
+  if platform == "cpu" and not interpret:
+    raise ValueError("On the CPU the Pallas kernels run only interpreted: pass "
+                     "interpret=True (the default there), or platform='gpu'/'tpu' to lower "
+                     "for an accelerator.")
+  blocks = (block_sizes or BlockSizes.default(head_dim, platform)).fitted(q_len, k_len)
   q_pad = _round_up(q_len, math.lcm(blocks.block_q, blocks.block_q_bwd))
   k_pad = _round_up(k_len, math.lcm(blocks.block_k, blocks.block_k_bwd))
   # Head dims like 80 (ViT-H/14) go to a power of two: zero columns change no dot product.
@@ -135,11 +172,13 @@ def flash_attention(q, k, v, *, bias=None, mask=None, segment_ids=None, causal=F
     if q_seg.shape != (batch, q_len) or kv_seg.shape != (batch, k_len):
       raise ValueError(f"segment_ids must be (batch, q_len) and (batch, k_len): "
                        f"got {q_seg.shape} and {kv_seg.shape}.")
-    segments = (jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, q_pad - q_len))),
-                jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, k_pad - k_len))))
+    # Query ids as a column (batch, q_len, 1), key ids as a row (batch, 1, k_len).
+    segments = (jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, q_pad - q_len)))[:, :, None],
+                jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, k_pad - k_len)))[:, None, :])
 
   static = _Static(scale=float(scale), causal=bool(causal), q_len=q_len, k_len=k_len,
-                   blocks=blocks, interpret=bool(interpret), has_bias=bias4 is not None,
+                   blocks=blocks, platform=platform, interpret=bool(interpret),
+                   has_bias=bias4 is not None,
                    has_mask=mask4 is not None, has_segments=segments is not None,
                    bias_shape=() if bias4 is None else bias4.shape,
                    mask_shape=() if mask4 is None else mask4.shape)
@@ -201,20 +240,52 @@ def _full_spec(length, head_dim):
   return pl.BlockSpec((None, None, length, head_dim), lambda b, h, i: (b, h, 0, 0))
 
 
-def _vector_spec(block):
-  return pl.BlockSpec((None, None, block), lambda b, h, i: (b, h, i))
+def _column_spec(block):
+  """A (block, 1) tile of a per-query-row statistic stored as (batch, heads, length, 1)."""
+  return pl.BlockSpec((None, None, block, 1), lambda b, h, i: (b, h, i, 0))
 
 
-def _full_vector_spec(length):
-  return pl.BlockSpec((None, None, length), lambda b, h, i: (b, h, 0))
+def _full_column_spec(length):
+  return pl.BlockSpec((None, None, length, 1), lambda b, h, i: (b, h, 0, 0))
 
 
-def _segment_spec(block):
-  return pl.BlockSpec((None, block), lambda b, h, i: (b, i))
+def _q_segment_spec(block):
+  """Query segment ids, a (block, 1) column of (batch, q_len, 1)."""
+  return pl.BlockSpec((None, block, 1), lambda b, h, i: (b, i, 0))
 
 
-def _full_segment_spec(length):
-  return pl.BlockSpec((None, length), lambda b, h, i: (b, 0))
+def _full_q_segment_spec(length):
+  return pl.BlockSpec((None, length, 1), lambda b, h, i: (b, 0, 0))
+
+
+def _kv_segment_spec(block):
+  """Key segment ids, a (1, block) row of (batch, 1, k_len)."""
+  return pl.BlockSpec((None, 1, block), lambda b, h, i: (b, 0, i))
+
+
+def _full_kv_segment_spec(length):
+  return pl.BlockSpec((None, 1, length), lambda b, h, i: (b, 0, 0))
+
+
+def _call(static, kernel, name, **kwargs):
+  """`pl.pallas_call` with the platform's compiler: Triton, Mosaic or the interpreter."""
+  compiler_params = None
+  if static.interpret:
+    pass
+  elif static.platform == "gpu":
+    if pltriton is None:
+      raise NotImplementedError(
+          f"This JAX ({jax.__version__}) has no Pallas Triton backend, which vitjax's GPU "
+          f"kernels use. Use attention_impl='cudnn' or 'xla' on GPUs.")
+    # Named explicitly: a bare pallas_call may go to Mosaic GPU, which these kernels
+    # are not written for.
+    compiler_params = pltriton.CompilerParams(num_warps=static.blocks.num_warps,
+                                              num_stages=static.blocks.num_stages)
+  elif static.platform == "tpu":
+    # Every program writes its own output tile: all grid axes may run in parallel.
+    compiler_params = pltpu.CompilerParams(dimension_semantics=("parallel",) * 3)
+  return pl.pallas_call(functools.partial(kernel, static), interpret=static.interpret,
+                        compiler_params=compiler_params, name=name, **kwargs)
 
 
 # ---------------------------------------------------------------------------
@@ -236,7 +307,7 @@ def _scores(static, q, k, q_start, k_start, bias_block, mask_block, q_seg, kv_se
   if static.causal:
     allowed = jnp.logical_and(allowed, k_pos <= q_pos + static.causal_offset)
   if static.has_segments:
-    allowed = jnp.logical_and(allowed, q_seg[:, None] == kv_seg[None, :])
+    allowed = jnp.logical_and(allowed, q_seg == kv_seg)  # (block_q, 1) == (1, block_k).
   return jnp.where(allowed, s, -jnp.inf)
 
 
@@ -253,8 +324,10 @@ def _causal_k_blocks(static, q_block_index, block_q, block_k, num_k_blocks):
   """Key blocks that hold any allowed key for this query block (all, if not causal)."""
   if not static.causal:
     return num_k_blocks
-  last_allowed = (q_block_index + 1) * block_q - 1 + static.causal_offset
-  return jnp.clip(last_allowed // block_k + 1, 0, num_k_blocks)
+  # Blocks holding keys 0 .. last allowed key, by non-negative integer division
+  # (jnp's floor division lowers through `sign`, which Mosaic cannot lower everywhere).
+  allowed_keys = jnp.maximum((q_block_index + 1) * block_q + static.causal_offset, 0)
+  return jnp.minimum(jax.lax.div(allowed_keys + block_k - 1, block_k), num_k_blocks)
 
 
 def _causal_first_q_block(static, k_block_index, block_q, block_k):
@@ -262,7 +335,7 @@ def _causal_first_q_block(static, k_block_index, block_q, block_k):
   if not static.causal:
     return 0
   first_q = k_block_index * block_k - static.causal_offset
-  return jnp.maximum(first_q, 0) // block_q
+  return jax.lax.div(jnp.maximum(first_q, 0), block_q)
 
 
 # ---------------------------------------------------------------------------
@@ -291,25 +364,24 @@ def _forward_kernel(static, *refs):
     cols = pl.ds(pl.multiple_of(k_start, block_k), block_k)
     k = k_ref[cols, :]
     v = v_ref[cols, :]
-    kv_seg = kv_seg_ref[cols] if kv_seg_ref is not None else None
+    kv_seg = kv_seg_ref[:, cols] if kv_seg_ref is not None else None
     s = _scores(static, q, k, q_start, k_start, _slice_scores(bias_ref, None, cols),
                 _slice_scores(mask_ref, None, cols), q_seg, kv_seg)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # A row with nothing allowed yet.
-    p = jnp.exp(s - m_safe[:, None])
+    p = jnp.exp(s - m_safe)
     alpha = jnp.exp(m - m_safe)
-    l = alpha * l + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v,
-                                         preferred_element_type=jnp.float32)
+    l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+    acc = acc * alpha + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return m_new, l, acc
 
   num_k_blocks = k_ref.shape[0] // block_k
   upper = _causal_k_blocks(static, q_block_index, block_q, block_k, num_k_blocks)
-  init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32),
+  init = (jnp.full((block_q, 1), -jnp.inf, jnp.float32), jnp.zeros((block_q, 1), jnp.float32),
           jnp.zeros((block_q, head_dim), jnp.float32))
   m, l, acc = jax.lax.fori_loop(0, upper, body, init)
   empty = l == 0.0  # No allowed key: the output is zeros, as in the reference.
-  out_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(out_ref.dtype)
+  out_ref[...] = (acc / jnp.where(empty, 1.0, l)).astype(out_ref.dtype)
   lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
 
 
@@ -325,17 +397,15 @@ def _forward(static, q, k, v, bias, mask, segments):
       in_specs.append(_score_spec(extra.shape, block_q, block_k, "q"))
       inputs.append(extra)
   if segments is not None:
-    in_specs += [_segment_spec(block_q), _full_segment_spec(k_pad)]
+    in_specs += [_q_segment_spec(block_q), _full_kv_segment_spec(k_pad)]
     inputs += list(segments)
-  out, lse = pl.pallas_call(
-      functools.partial(_forward_kernel, static),
+  out, lse = _call(
+      static, _forward_kernel, "vitjax_flash_forward",
       grid=(batch, heads, q_pad // block_q),
       in_specs=in_specs,
-      out_specs=[_row_spec(block_q, head_dim), _vector_spec(block_q)],
+      out_specs=[_row_spec(block_q, head_dim), _column_spec(block_q)],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((batch, heads, q_pad), jnp.float32)],
-      interpret=static.interpret,
-      name="vitjax_flash_forward",
+                 jax.ShapeDtypeStruct((batch, heads, q_pad, 1), jnp.float32)],
   )(*inputs)
   return out, lse
 
@@ -367,15 +437,15 @@ def _dkdv_kernel(static, *refs):
     rows = pl.ds(pl.multiple_of(q_start, block_q), block_q)
     q = q_ref[rows, :]
     do = do_ref[rows, :]
-    q_seg = q_seg_ref[rows] if q_seg_ref is not None else None
+    q_seg = q_seg_ref[rows, :] if q_seg_ref is not None else None
     s = _scores(static, q, k, q_start, k_start, _slice_scores(bias_ref, rows, None),
                 _slice_scores(mask_ref, rows, None), q_seg, kv_seg)
-    p = jnp.exp(s - lse_ref[rows][:, None])  # lse = inf on empty rows: p = 0.
+    p = jnp.exp(s - lse_ref[rows, :])  # lse = inf on empty rows: p = 0.
     dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
                                   preferred_element_type=jnp.float32)
     dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())),
                              preferred_element_type=jnp.float32)
-    ds = p * (dp - delta_ref[rows][:, None])
+    ds = p * (dp - delta_ref[rows, :])
     dk = dk + jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
                                   preferred_element_type=jnp.float32)
     return dk, dv
@@ -413,13 +483,13 @@ def _dq_kernel(static, *refs):
     cols = pl.ds(pl.multiple_of(k_start, block_k), block_k)
     k = k_ref[cols, :]
     v = v_ref[cols, :]
-    kv_seg = kv_seg_ref[cols] if kv_seg_ref is not None else None
+    kv_seg = kv_seg_ref[:, cols] if kv_seg_ref is not None else None
     s = _scores(static, q, k, q_start, k_start, _slice_scores(bias_ref, None, cols),
                 _slice_scores(mask_ref, None, cols), q_seg, kv_seg)
-    p = jnp.exp(s - lse[:, None])
+    p = jnp.exp(s - lse)
     dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())),
                              preferred_element_type=jnp.float32)
-    ds = p * (dp - delta[:, None])
+    ds = p * (dp - delta)
     if dbias_ref is not None:
       dbias_ref[:, cols] = ds.astype(dbias_ref.dtype)
     return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
@@ -443,7 +513,7 @@ def _backward(static, q, k, v, bias, mask, segments, out, lse, d_out):
   k_pad = k.shape[2]
   block_q, block_k = static.blocks.block_q_bwd, static.blocks.block_k_bwd
   # delta_i = sum_d dO_id O_id, the softmax-gradient correction per query row.
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
   common = [q, k, v, d_out, lse, delta]
   extras = [x for x in (bias, mask) if x is not None]
   segment_inputs = list(segments) if segments is not None else []
@@ -451,40 +521,36 @@ def _backward(static, q, k, v, bias, mask, segments, out, lse, d_out):
   # dK, dV: a key block per program, looping over the query blocks.
   in_specs = [_full_spec(q_pad, head_dim), _row_spec(block_k, head_dim),
               _row_spec(block_k, head_dim), _full_spec(q_pad, head_dim),
-              _full_vector_spec(q_pad), _full_vector_spec(q_pad)]
+              _full_column_spec(q_pad), _full_column_spec(q_pad)]
   in_specs += [_score_spec(x.shape, block_q, block_k, "k") for x in extras]
   if segments is not None:
-    in_specs += [_full_segment_spec(q_pad), _segment_spec(block_k)]
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkdv_kernel, static),
+    in_specs += [_full_q_segment_spec(q_pad), _kv_segment_spec(block_k)]
+  dk, dv = _call(
+      static, _dkdv_kernel, "vitjax_flash_backward_dkdv",
       grid=(batch, heads, k_pad // block_k),
       in_specs=in_specs,
       out_specs=[_row_spec(block_k, head_dim), _row_spec(block_k, head_dim)],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      interpret=static.interpret,
-      name="vitjax_flash_backward_dkdv",
   )(*common, *extras, *segment_inputs)
 
   # dQ (and dS for the bias): a query block per program, looping over the key blocks.
   in_specs = [_row_spec(block_q, head_dim), _full_spec(k_pad, head_dim),
               _full_spec(k_pad, head_dim), _row_spec(block_q, head_dim),
-              _vector_spec(block_q), _vector_spec(block_q)]
+              _column_spec(block_q), _column_spec(block_q)]
   in_specs += [_score_spec(x.shape, block_q, block_k, "q") for x in extras]
   if segments is not None:
-    in_specs += [_segment_spec(block_q), _full_segment_spec(k_pad)]
+    in_specs += [_q_segment_spec(block_q), _full_kv_segment_spec(k_pad)]
   out_specs = [_row_spec(block_q, head_dim)]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
   if bias is not None:
     out_specs.append(pl.BlockSpec((None, None, block_q, k_pad), lambda b, h, i: (b, h, i, 0)))
     out_shape.append(jax.ShapeDtypeStruct((batch, heads, q_pad, k_pad), jnp.float32))
-  results = pl.pallas_call(
-      functools.partial(_dq_kernel, static),
+  results = _call(
+      static, _dq_kernel, "vitjax_flash_backward_dq",
       grid=(batch, heads, q_pad // block_q),
       in_specs=in_specs,
       out_specs=out_specs,
       out_shape=out_shape,
-      interpret=static.interpret,
-      name="vitjax_flash_backward_dq",
   )(*common, *extras, *segment_inputs)
   dq = results[0]
   d_bias = None
