@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from vitjax import ops
 from vitjax.tools import bench_attention
 
 TINY = ["--shapes", "1x33x2x16", "--iters", "2", "--warmup", "1", "--dtype", "float32"]
@@ -51,3 +52,15 @@ def test_markdown_has_a_header_and_a_row(capsys):
   assert "Attention benchmark on cpu, jax " in out
   assert "| impl | B x T x H x D |" in out
   assert any(line.startswith("| xla | 1x33x2x16 | no |") for line in out.splitlines())
+
+
+def test_pallas_tiles_can_be_swept_side_by_side():
+  rows = bench_attention.main(TINY + ["--impl", "pallas,pallas:16x32x32x16"])
+  assert [row["implementation"] for row in rows] == ["pallas", "pallas:16x32x32x16"]
+  for row in rows:
+    assert row["fwd_error"] is None and row["fwd_bwd_error"] is None
+    assert row["max_abs_diff"] < 1e-5
+  assert bench_attention.parse_block_sizes("pallas:128x64x64x32x8x3") == ops.BlockSizes(
+      128, 64, 64, 32, num_warps=8, num_stages=3)
+  with pytest.raises(SystemExit):
+    bench_attention.main(TINY + ["--impl", "pallas:128xk"])

@@ -129,10 +129,34 @@ EXTERNAL = {
 }
 
 
+def parse_block_sizes(name):
+  """`ops.BlockSizes` of a 'pallas:BQxBK[xBQ_BWDxBK_BWD[xWARPSxSTAGES]]' name, else None.
+
+  Tiles a sweep can try side by side, e.g. --impl pallas,pallas:128x64x64x64x8x3.
+  """
+  if not name.startswith("pallas:"):
+    return None
+  spec = name.removeprefix("pallas:")
+  try:
+    sizes = [int(n) for n in spec.split("x")]
+  except ValueError:
+    sizes = []
+  if len(sizes) not in (2, 4, 6) or any(n < 1 for n in sizes):
+    raise ValueError(f"--impl {name!r}: expected pallas:BQxBK, pallas:BQxBKxBQ_BWDxBK_BWD or "
+                     f"pallas:BQxBKxBQ_BWDxBK_BWDxWARPSxSTAGES, e.g. pallas:128x64x64x64x8x3")
+  if len(sizes) == 2:
+    sizes += sizes  # The same tiles backward.
+  return ops.BlockSizes(*sizes)
+
+
 def attention_function(name):
   """attend(q, k, v, causal) for a vitjax implementation name or an EXTERNAL one."""
   if name in EXTERNAL:
     return EXTERNAL[name][1]
+  blocks = parse_block_sizes(name)
+  if blocks is not None:
+    return lambda q, k, v, causal: ops.flash_attention(q, k, v, causal=causal,
+                                                       block_sizes=blocks)
   implementation = None if name == "auto" else name
   return lambda q, k, v, causal: ops.dot_product_attention(
       q, k, v, causal=causal, implementation=implementation)
@@ -290,7 +314,7 @@ _COLUMNS = (
     ("max_abs_diff", "max|diff| vs xla", "max abs diff vs xla"),
     ("note", "note", "note"),
 )
-_WIDTHS = {"implementation": 15, "shape": 16}
+_WIDTHS = {"implementation": 24, "shape": 16}
 
 
 def _number(x):
@@ -371,7 +395,9 @@ def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m vitjax.tools.bench_attention",
                                    description=__doc__.splitlines()[0])
   parser.add_argument("--impl", help="comma-separated implementations (default: all available "
-                      f"here of {', '.join(ops.IMPLEMENTATIONS)}, {', '.join(EXTERNAL)})")
+                      f"here of {', '.join(ops.IMPLEMENTATIONS)}, {', '.join(EXTERNAL)}); "
+                      "pallas:BQxBK[xBQ_BWDxBK_BWD[xWARPSxSTAGES]] runs the Pallas kernels "
+                      "with those tiles (a sweep: pallas:128x64,pallas:64x64x32x32x4x3)")
   parser.add_argument("--shapes", help="vit, long, all, cpu or BxTxHxD[,...] such as "
                       "8x1024x12x64 (BxTqxTkxHxD when lengths differ); default: all, or cpu "
                       "on a CPU")
@@ -390,6 +416,11 @@ def main(argv=None):
   platform = jax.devices()[0].platform
   on_cpu = platform == "cpu"
   implementations = (args.impl.split(",") if args.impl else default_implementations(platform))
+  try:
+    for name in implementations:
+      parse_block_sizes(name)
+  except ValueError as error:
+    parser.error(str(error))
   try:
     shapes = parse_shapes(args.shapes or ("cpu" if on_cpu else "all"), causal_only=args.causal)
   except ValueError as error:

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# What vitjax measures on a GPU, for a session that has one (the `device` tool's
+# machines: JAX, PyTorch, timm and Triton installed; no ml-collections, grain or tfds,
+# none of which these steps import). Run from the repository root:
+#
+#   bash experiments/gpu_session.sh check       # kernels vs 'xla' on the GPU (~5 min)
+#   bash experiments/gpu_session.sh attention   # bench_attention, ViT and long shapes
+#   bash experiments/gpu_session.sh sweep       # Pallas tiles vs cuDNN on three shapes
+#   bash experiments/gpu_session.sh throughput  # ViT-B/16 bf16 train + infer vs timm
+#
+# Each step fits one 10-minute device call; results go to $OUT (default gpu_results/),
+# ready to paste into BENCHMARKS.md with the device line printed first.
+set -uo pipefail
+step=${1:?"which step: check, attention, sweep or throughput"}
+out=${OUT:-gpu_results}
+mkdir -p "$out"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
+python3 -c "import jax; print('jax', jax.__version__, jax.devices()[0].device_kind, '$(date -I)')" \
+  | tee "$out/device.txt"
+
+case "$step" in
+  check)
+    # fp32 matmuls at full precision on both sides: Triton's and XLA's default on a GPU is
+    # TF32, which would hide a kernel error under its own rounding.
+    JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -q -p no:cacheprovider \
+      tests/test_flash_attention.py tests/test_ops.py 2>&1 | tee "$out/check.txt" ;;
+  attention)
+    python3 -m vitjax.tools.bench_attention --markdown --json "$out/attention.json" \
+      2>&1 | tee "$out/attention.md" ;;
+  sweep)
+    python3 -m vitjax.tools.bench_attention --markdown --json "$out/sweep.json" \
+      --shapes 256x197x12x64,16x1024x32x64,4x4096x16x128,4x4096x32x64 \
+      --impl xla,cudnn,pallas,pallas:64x64x64x64x4x2,pallas:128x64x64x64x4x3,pallas:128x128x64x64x8x2,pallas:128x64x128x64x8x2,pallas:64x128x64x128x4x3 \
+      2>&1 | tee "$out/sweep.md" ;;
+  throughput)
+    for mode in train infer; do
+      python3 -m vitjax.tools.benchmark --model vit_base_patch16_224 --batch 256 \
+        --mode "$mode" --dtype bfloat16 --markdown --json "$out/$mode.json" \
+        2>&1 | tee "$out/$mode.md"
+    done ;;
+  *) echo "unknown step '$step': check, attention, sweep or throughput" >&2; exit 2 ;;
+esac
