@@ -28,6 +28,13 @@ the softmax-gradient correction) and segment ids are kept as columns
 (length, 1) and rows (1, length), so every tile is 2-D, broadcasts without a
 transpose, and meets Mosaic's tiling rule (last two tile dimensions divisible
 by (8, 128) or whole).
+
+Known costs: the bias gradient is written whole, (batch, heads, q_len, k_len) in
+fp32, before it is summed over the bias's broadcast dimensions, so a biased
+backward pass needs the memory of the attention matrix; and each program's
+BlockSpecs hold a (batch, head)'s whole K and V (Q and dO for dK/dV), which on a
+GPU are only pointers but on a TPU are copied into VMEM, bounding the length
+there (untried: no TPU has been available).
 """
 
 import dataclasses
