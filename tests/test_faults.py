@@ -24,6 +24,7 @@ from vitjax import data as data_lib
 from vitjax import train as train_lib
 from vitjax.train import __main__ as cli
 from vitjax.train import checkpoints as checkpoints_lib
+from vitjax.train import optim
 from vitjax.train import trainer as trainer_lib
 from vitjax.train.tasks import supervised
 
@@ -249,11 +250,16 @@ def test_nonfinite_steps_are_skipped_and_counted_when_configured(tmp_path, monke
   assert all(np.isfinite(r["train/loss"]) for r in rows if not r["train/skipped_steps"])
   assert all(0.0 <= r["train/data_wait_fraction"] <= 1.0 for r in rows)
   assert all(r["data/bad_images_skipped"] == 7 for r in rows)
+  # train/lr is the rate of the last applied update: a skipped step does not advance
+  # the schedule, so from step 3 on the logged rate lags the step by the skips so far.
+  _, schedule = optim.make_optimizer(tiny_config(), states[2]["params"])
+  applied = [1, 2, 2, 3, 3, 4]  # Updates applied after steps 1..6 (3 and 5 skipped).
+  np.testing.assert_allclose([r["train/lr"] for r in rows],
+                             [float(schedule(n - 1)) for n in applied], rtol=1e-6)
 
 
 def test_fine_tune_from_saved_weights_at_a_higher_resolution(tmp_path):
   import vitjax  # pylint: disable=g-import-not-at-top
-  from vitjax.train import optim  # pylint: disable=g-import-not-at-top
   size = dict(width=32, depth=1, mlp_dim=64, num_heads=2)
   pretrain = config_lib.load_config(QUICKSTART + ":image_size=8,steps=150")
   config_lib.apply_overrides(pretrain, ["batch_size=64", "eval_every=0", "checkpoint_every=0",

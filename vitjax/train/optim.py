@@ -163,3 +163,15 @@ def make_optimizer(config, params):
     # Frozen gradients neither count in the clipping norm nor get optimizer state.
     tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
   return tx, schedule
+
+
+def schedule_count(opt_state):
+  """How many updates the learning-rate schedule has seen (optax's ScaleByScheduleState).
+
+  Behind the trainer's step by the updates that were skipped (config.skip_nonfinite_steps
+  keeps the optimizer state of a skipped step). None where the optimizer has no schedule.
+  """
+  for path, count in optax.tree_utils.tree_get_all_with_path(opt_state, "count"):
+    if getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState":
+      return count
+  return None

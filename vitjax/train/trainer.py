@@ -254,7 +254,9 @@ def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progres
       if do_eval or do_save or step % config.log_every == 0:
         summary = _check_and_summarise(pending)
         elapsed = time.perf_counter() - window_start
-        summary["train/lr"] = float(schedule(step - 1))
+        # The rate of the last applied update: skipped steps do not advance the schedule.
+        count = optim.schedule_count(state["opt_state"])
+        summary["train/lr"] = float(schedule(step - 1 if count is None else max(int(count) - 1, 0)))
         summary["train/steps_per_second"] = len(pending) / max(elapsed, 1e-9)
         summary["train/data_wait_fraction"] = min(data_wait / max(elapsed, 1e-9), 1.0)
         summary.update(_data_counters(dataset))
