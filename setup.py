@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "safetensors>=0.4",
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow.
+    "regex>=2023.0",  # Unicode classes in CLIP's BPE pre-tokenizer (vitjax.text.clip_bpe).
 ]
 
 EXTRAS_REQUIRE = {

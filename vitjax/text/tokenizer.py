@@ -7,7 +7,9 @@
 `ByteTokenizer` is built in: UTF-8 bytes shifted by the special tokens, so any
 text in any script is representable. `SentencePieceTokenizer` reads a
 SentencePiece model file a user has (e.g. the one published with SigLIP); it
-needs `pip install sentencepiece`, imported only when used.
+needs `pip install sentencepiece`, imported only when used. CLIP's byte-level
+BPE is `vitjax.text.clip_bpe.CLIPTokenizer`, from the vocabulary files of a CLIP
+checkpoint.
 
 Every row ends with EOS (the last position when the text fills the row: the
 text is cut, never the EOS), then padding to `max_length`.
@@ -106,10 +108,18 @@ class SentencePieceTokenizer(ByteTokenizer):
 
 
 def get_tokenizer(name="bytes", max_length=32, **kwargs):
-  """'bytes' (built in), or the path of a SentencePiece .model file."""
+  """'bytes' (built in); the path of a SentencePiece .model file; or CLIP's BPE: a
+  directory with vocab.json and merges.txt (or one of them), or OpenAI's
+  bpe_simple_vocab_16e6.txt.gz."""
   if name in (None, "bytes"):
     return ByteTokenizer(max_length, **kwargs)
-  if str(name).endswith(".model") or os.path.isfile(str(name)):
-    return SentencePieceTokenizer(str(name), max_length, **kwargs)
-  raise ValueError(f"Unknown tokenizer {name!r}: use 'bytes' or the path of a SentencePiece "
-                   ".model file.")
+  path = str(name)
+  if (path.endswith(".gz") or os.path.isdir(path)
+      or os.path.basename(path) in ("vocab.json", "merges.txt")):
+    from vitjax.text.clip_bpe import CLIPTokenizer  # pylint: disable=g-import-not-at-top
+    return CLIPTokenizer.from_files(path, max_length, **kwargs)
+  if path.endswith(".model") or os.path.isfile(path):
+    return SentencePieceTokenizer(path, max_length, **kwargs)
+  raise ValueError(f"Unknown tokenizer {name!r}: use 'bytes', the path of a SentencePiece "
+                   ".model file, or CLIP's BPE files (a directory with vocab.json and "
+                   "merges.txt, or bpe_simple_vocab_16e6.txt.gz).")

@@ -127,8 +127,9 @@ class CaptionedDataset:
 class Contrastive(Task):
   """Two-tower training with `config.contrastive.loss` = 'softmax' (CLIP) or 'sigmoid' (SigLIP).
 
-  config.contrastive keys (all optional): loss, tokenizer ('bytes' or a
-  SentencePiece .model path), class_names and templates (digits' by default),
+  config.contrastive keys (all optional): loss, tokenizer ('bytes', a
+  SentencePiece .model path, or CLIP's BPE files: a directory with vocab.json and
+  merges.txt, or bpe_simple_vocab_16e6.txt.gz), class_names and templates (digits' by default),
   eval_template (index of the template of the evaluation captions; None: in turn).
   The text length is the model's `text.max_length`.
   """
