@@ -180,6 +180,9 @@ def test_model_table_tool_lists_published_counts_and_macs(capsys):
   assert round(model_table.model_row("mixer_b16_224")["gmacs"], 1) == 12.6
   # XLA's cost analysis also counts element-wise work: a little over 2 FLOPs per MAC.
   assert 2.0 < rows[0]["xla_gflops"] / rows[0]["gmacs"] < 2.2
+  # A two-tower model's image-only forward returns no logits; its image tower still counts.
+  clip = model_table.model_row("clip_vit_base_patch16")
+  assert round(clip["gmacs"], 1) == 17.6 and 2.0 < clip["xla_gflops"] / clip["gmacs"] < 2.2
 
 
 def test_mac_counter_counts_matmuls_and_convolutions():

@@ -54,7 +54,8 @@ def model_row(name, resolution=None, macs=True):
   row = {"name": name, "params": models.count_params(params), "resolution": model.image_size}
   if macs:
     images = jax.ShapeDtypeStruct(models.dummy_input(model).shape, jnp.float32)
-    forward = lambda p, x: model.apply({"params": p}, x)[0]
+    # All outputs: a two-tower model's image-only forward has no logits, only `out`.
+    forward = lambda p, x: model.apply({"params": p}, x)
     row["gmacs"] = count_macs(forward, params, images) / 1e9
     cost = jax.jit(forward).lower(params, images).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
