@@ -51,7 +51,7 @@ def get_config(arg=None):
       # Evaluation: resize the shorter side to image_size / crop_pct, centre-crop.
       crop_pct=1.0,
       interpolation="bilinear",
-      preprocess_from_model=False,  # True: mean/std/crop_pct of config.model.name.
+      preprocess_from_model="",  # 'model': mean/std/crop_pct of config.model.name; or a name.
       skip_bad_images=False,  # True: undecodable records are replaced and counted.
   )
 

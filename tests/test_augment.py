@@ -231,6 +231,11 @@ def test_preprocessing_from_the_model_registry():
   config = digits_config(preprocess_from_model=True)
   config.model = ml_collections.ConfigDict(dict(name="vit_base_patch16_224"))
   assert data.get_dataset(config)._input.crop_pct == 0.9
-  config.model.name = "vit"  # A family, not a pretrained weight.
+  for choice, crop_pct in (("model", 0.9), ("True", 0.9), ("", 1.0)):  # Strings, as the
+    config = digits_config(preprocess_from_model=choice)  # command line gives them.
+    config.model = ml_collections.ConfigDict(dict(name="vit_base_patch16_224"))
+    assert data.get_dataset(config)._input.crop_pct == crop_pct
+  config = digits_config(preprocess_from_model="model")
+  config.model = ml_collections.ConfigDict(dict(name="vit"))  # A family, not a weight.
   with pytest.raises(ValueError, match="vit_base_patch16_224"):
     data.get_dataset(config)

@@ -120,8 +120,9 @@ class InputConfig:
       centre-crop image_size (timm's eval transform; 1 resizes only).
     interpolation: 'bilinear' or 'bicubic', for every resize.
     preprocess_from_model: take mean, std, crop_pct and interpolation from the
-      model registry's entry of the pretrained weights: True reads
-      config.model.name, a string names the entry ('vit_base_patch16_224').
+      model registry's entry of the pretrained weights: 'model' (or True)
+      reads config.model.name, another string names the entry
+      ('vit_base_patch16_224'); '' (or False) keeps the input keys.
     skip_bad_images: replace undecodable records by the next readable one and
       count them (`Dataset.bad_images_skipped`) instead of raising.
   """
@@ -150,7 +151,7 @@ class InputConfig:
   random_erasing_mode: str = "pixel"
   crop_pct: float = 1.0
   interpolation: str = "bilinear"
-  preprocess_from_model: bool | str = False
+  preprocess_from_model: bool | str = ""
   skip_bad_images: bool = False
 
   @classmethod
@@ -540,11 +541,13 @@ def _with_model_preprocessing(input_config: InputConfig,
                               config: Any) -> InputConfig:
   """input.preprocess_from_model: mean, std, crop_pct, interpolation of a weight."""
   choice = input_config.preprocess_from_model
+  if isinstance(choice, str) and choice.strip().lower() in ("", "false", "none"):
+    return input_config
   if not choice:
     return input_config
   from vitjax import models  # pylint: disable=g-import-not-at-top
-  name = choice if isinstance(choice, str) else _get(_get(config, "model"),
-                                                     "name")
+  own = choice is True or choice.strip().lower() in ("model", "true")
+  name = _get(_get(config, "model"), "name") if own else choice.strip()
   try:
     entry = models.model_entry(name)
   except models.UnknownModelError as error:
