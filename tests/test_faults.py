@@ -245,6 +245,13 @@ def test_nonfinite_steps_are_skipped_and_counted_when_configured(tmp_path, monke
     assert not np.array_equal(states[trained]["params"]["head"]["kernel"],
                               states[trained - 1]["params"]["head"]["kernel"])
 
+  # load_params reads the parameters alone, as numpy, from any step.
+  params = checkpoints_lib.load_params(workdir, step=4)
+  assert all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(params))
+  assert_trees_equal(params, states[4]["params"])
+  with pytest.raises(checkpoints_lib.CheckpointError, match=r"holds steps \[1, 2, 3, 4, 5, 6\]"):
+    checkpoints_lib.load_params(workdir, step=7)
+
   rows = train_rows(workdir)
   assert [r["train/skipped_steps"] for r in rows] == [0, 0, 1, 0, 1, 0]
   assert all(np.isfinite(r["train/loss"]) for r in rows if not r["train/skipped_steps"])

@@ -22,6 +22,7 @@ import os
 import shutil
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 # The input-pipeline state keys that must match for a resumed run to see the
@@ -181,16 +182,42 @@ def check_data_state(saved, current, directory):
 
 
 def load_params(workdir, step=None):
-  """The model parameters of a training checkpoint (the latest unless `step`), as numpy."""
-  checkpointer = Checkpointer(workdir, read_only=True)
+  """The model parameters of a training checkpoint (the latest unless `step`), as numpy.
+
+  Only the parameters are read (not the optimizer state), onto the host, whatever
+  mesh wrote them.
+  """
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"No checkpoint in {directory}.")
+  manager = ocp.CheckpointManager(
+      directory, item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                "data": ocp.JsonCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False))
   try:
-    step = checkpointer.latest_step() if step is None else step
+    step = manager.latest_step() if step is None else step
     if step is None:
-      raise CheckpointError(f"No checkpoint in {checkpointer.directory}.")
-    state = checkpointer._manager.restore(  # pylint: disable=protected-access
-        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
+      raise CheckpointError(f"No checkpoint in {directory}.")
+    if step not in manager.all_steps():
+      raise CheckpointError(f"No checkpoint of step {step} in {directory}; it holds steps "
+                            f"{sorted(manager.all_steps())}.")
+    if not os.path.isdir(os.path.join(directory, str(step), "state")):
+      raise CheckpointError(
+          f"The checkpoint {os.path.join(directory, str(step))} has no 'state' item: it was "
+          f"written by vitjax before 2026-11-22 (one unnamed item) or by another program. "
+          f"Export weights with the version that wrote it (vitjax.save_weights), or retrain.")
+    tree = manager.item_metadata(step)["state"]
+    tree = getattr(tree, "tree", tree)
+    if not isinstance(tree, dict) or "params" not in tree:
+      raise CheckpointError(f"The checkpoint of step {step} in {directory} holds no "
+                            f"'params' (found {sorted(tree) if isinstance(tree, dict) else tree}).")
+    as_numpy = lambda _: ocp.RestoreArgs(restore_type=np.ndarray)
+    restore_args = jax.tree_util.tree_map(as_numpy, tree["params"])
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={"params": tree["params"]}, restore_args={"params": restore_args},
+        partial_restore=True)))["state"]
   finally:
-    checkpointer.close()
+    manager.close()
   return state["params"]
 
 
