@@ -116,7 +116,8 @@ def clip_files(tmp_path_factory):
 
 CLIP_TEXTS = [
     "a photo of a cat.", "A PHOTO   of\tthe digit 7!", "it's 2024: 3.14159 cats, they're ok",
-    "Caf\u00e9 na\u00efve r\u00e9sum\u00e9", "\u6771\u4eac\u30bf\u30ef\u30fc", "emoji \U0001f431\U0001f680 ok",
+    "Caf\u00e9 na\u00efve r\u00e9sum\u00e9", "\u6771\u4eac\u30bf\u30ef\u30fc",
+    "emoji \U0001f431\U0001f680 ok",
     "don't we'll I'm you've he'd", "photograph" * 30, "", "a cat <|endoftext|> a dog",
     "tattoos   of   cats...   ???", "e\u0301t\u00e9",  # Decomposed accent: NFC first.
 ]

@@ -23,11 +23,12 @@ reference. The tests also lower them for 'cuda' and 'tpu' from the CPU
 (`platform=`, with `jax.jit(...).trace(...).lower(lowering_platforms=...)`),
 which catches what each Pallas front end rejects (tile shapes, unsupported
 operations) without the hardware; what the Triton and Mosaic compilers decide
-after that (registers, shared memory, VMEM) shows only on the device. Per-row statistics (log-sum-exp,
-the softmax-gradient correction) and segment ids are kept as columns
-(length, 1) and rows (1, length), so every tile is 2-D, broadcasts without a
-transpose, and meets Mosaic's tiling rule (last two tile dimensions divisible
-by (8, 128) or whole).
+after that (registers, shared memory, VMEM) shows only on the device.
+
+Per-row statistics (log-sum-exp, the softmax-gradient correction) and segment
+ids are kept as columns (length, 1) and rows (1, length), so every tile is 2-D,
+broadcasts without a transpose, and meets Mosaic's tiling rule (last two tile
+dimensions divisible by (8, 128) or whole).
 
 Known costs: the bias gradient is written whole, (batch, heads, q_len, k_len) in
 fp32, before it is summed over the bias's broadcast dimensions, so a biased

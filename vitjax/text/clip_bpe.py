@@ -1,8 +1,8 @@
 """OpenAI CLIP's byte-level BPE tokenizer, from the vocabulary files a user has.
 
     tokenizer = CLIPTokenizer.from_files("path/to/clip-vit-base-patch32")  # vocab.json + merges.txt
-    tokenizer = CLIPTokenizer.from_files("bpe_simple_vocab_16e6.txt.gz")     # OpenAI's / open_clip's
-    ids = tokenizer.encode(["a photo of a cat"])   # [1, 77]: <|startoftext|> ... <|endoftext|> 0 ...
+    tokenizer = CLIPTokenizer.from_files("bpe_simple_vocab_16e6.txt.gz")  # open_clip's
+    ids = tokenizer.encode(["a photo of a cat"])  # [1, 77]: start, text, end, 0 ...
 
 Published CLIP weights only make sense with the token ids they were trained on,
 so zero-shot evaluation of converted CLIP checkpoints needs this tokenizer.
