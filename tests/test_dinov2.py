@@ -41,13 +41,14 @@ def test_dinov2_features_match_transformers(registers, tmp_path):
   model = vitjax.create_model(
       "vit", width=WIDTH, depth=DEPTH, num_heads=HEADS, mlp_dim=4 * WIDTH, patch_size=14,
       image_size=IMAGE, num_registers=registers, layer_scale_init=1.0, num_classes=0,
-      posemb_resize="bicubic")
+      # Dinov2WithRegisters resizes with torch's antialiased bicubic, plain Dinov2Model
+      # with its default one (Keys a=-0.75, no antialiasing).
+      posemb_resize="bicubic" if registers else "bicubic_no_antialias")
   params = vitjax.load_weights(model, path)
   apply = jax.jit(model.apply)
-  # The native grid, and a smaller one: both sides then resize the position embeddings.
-  # Plain Dinov2Model resizes with torch's bicubic without antialiasing (Keys a=-0.75),
-  # which jax.image.resize does not offer: compared at the native grid only.
-  for size in (IMAGE, 28) if registers else (IMAGE,):
+  # The native grid, and a smaller and a larger one: both sides then resize the
+  # position embeddings.
+  for size in (IMAGE, 28, 70):
     images = np.random.default_rng(size).standard_normal((2, size, size, 3), np.float32)
     with torch.no_grad():
       want = hf(torch.from_numpy(images.transpose(0, 3, 1, 2)))

@@ -187,12 +187,15 @@ def _register_rope_vits():
     for rope in ("axial", "mixed"):
       for ape in (False, True):
         config = dict(image_size=224, rope=rope, posemb="learn" if ape else "none",
-                      posemb_resize="bicubic", layer_scale_init=1e-4,
-                      **vit.decode_variant(f"{size}/16"))
+                      layer_scale_init=1e-4, **vit.decode_variant(f"{size}/16"))
         tags = ("_mixed" if rope == "mixed" else "") + ("_ape" if ape else "")
-        for name in (f"vit_{size_name}_patch16_rope{tags}_224",
-                     f"rope_{rope}{'_ape' if ape else ''}_deit_{size_name}_patch16_224"):
-          register(name, vit.VisionTransformer, paper=paper, **config)
+        # Another resolution resizes the '_ape' embeddings as each source does: timm's
+        # resample_abs_pos_embed (antialiased), naver's F.interpolate (not).
+        register(f"vit_{size_name}_patch16_rope{tags}_224", vit.VisionTransformer,
+                 paper=paper, posemb_resize="bicubic", **config)
+        register(f"rope_{rope}{'_ape' if ape else ''}_deit_{size_name}_patch16_224",
+                 vit.VisionTransformer, paper=paper, posemb_resize="bicubic_no_antialias",
+                 **config)
 
 
 def _register_illamas():

@@ -20,20 +20,24 @@ def sincos_2d(grid_h, grid_w, width, temperature=10_000.0, dtype=jnp.float32):
   return jnp.asarray(posemb, dtype)[None]
 
 
-RESIZE_METHODS = ("bilinear", "bicubic")
+RESIZE_METHODS = ("bilinear", "bicubic", "bicubic_no_antialias")
 
 
 def resize_posemb(posemb, new_grid, num_prefix_tokens=0, method="bilinear"):
   """Resizes the grid part of (1, prefix + h*w, width) position embeddings.
 
   The first `num_prefix_tokens` entries (class / distillation tokens) are kept as
-  they are; the rest must form a square grid. `method`: 'bilinear' (big_vision,
-  no antialiasing) or 'bicubic' (antialiased when shrinking, as timm and HF
-  DINOv2 interpolate: torch's bicubic with antialias=True).
+  they are; the rest must form a square grid. `method`:
+    'bilinear': big_vision's (no antialiasing);
+    'bicubic': torch's bicubic with antialias=True (Keys a=-0.5, antialiased when
+      shrinking): timm's `resample_abs_pos_embed`, DINOv2 with registers;
+    'bicubic_no_antialias': torch's `F.interpolate(mode='bicubic')` default (Keys
+      a=-0.75, no antialiasing): the original DINOv2 (HF `Dinov2Model`) and
+      naver-ai's rope-vit. Needs JAX >= 0.10 (`ResizeMethod.CUBIC_PYTORCH`).
   """
   if method not in RESIZE_METHODS:
-    raise ValueError(f"Unknown position-embedding resize method {method!r}; use 'bilinear' "
-                     "or 'bicubic'.")
+    raise ValueError(f"Unknown position-embedding resize method {method!r}; use one of "
+                     f"{', '.join(repr(m) for m in RESIZE_METHODS)}.")
   prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
   old_side = int(math.isqrt(grid.shape[1]))
   if old_side * old_side != grid.shape[1]:
@@ -42,8 +46,17 @@ def resize_posemb(posemb, new_grid, num_prefix_tokens=0, method="bilinear"):
   if (new_h, new_w) == (old_side, old_side):
     return posemb
   grid = grid.reshape(1, old_side, old_side, -1).astype(jnp.float32)
-  grid = jax.image.resize(grid, (1, new_h, new_w, grid.shape[-1]), method=method,
-                          antialias=method == "bicubic")
+  if method == "bicubic_no_antialias":
+    torch_cubic = getattr(jax.image.ResizeMethod, "CUBIC_PYTORCH", None)
+    if torch_cubic is None:
+      raise NotImplementedError(f"posemb_resize='bicubic_no_antialias' needs JAX >= 0.10 "
+                                f"(jax.image.ResizeMethod.CUBIC_PYTORCH); this is JAX "
+                                f"{jax.__version__}. Upgrade JAX or use 'bicubic'.")
+    grid = jax.image.resize(grid, (1, new_h, new_w, grid.shape[-1]), method=torch_cubic,
+                            antialias=False)
+  else:
+    grid = jax.image.resize(grid, (1, new_h, new_w, grid.shape[-1]), method=method,
+                            antialias=method == "bicubic")
   grid = grid.reshape(1, new_h * new_w, -1).astype(posemb.dtype)
   return jnp.concatenate([prefix, grid], axis=1)
 

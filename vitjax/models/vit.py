@@ -271,7 +271,8 @@ class VisionTransformer(nn.Module):
   pool_type: str = "token"  # 'token' (class token), 'gap', 'map' or 'none'.
   posemb: str = "learn"  # 'learn' or 'sincos2d'.
   # How learned position embeddings are resized for another input size: 'bilinear'
-  # (big_vision) or 'bicubic' (antialiased, as HF DINOv2 and timm do it).
+  # (big_vision), 'bicubic' (antialiased: timm, DINOv2 with registers) or
+  # 'bicubic_no_antialias' (torch's default bicubic: original DINOv2, naver's rope-vit).
   posemb_resize: str = "bilinear"
   distilled: bool = False  # DeiT: a distillation token with its own head.
   representation_size: Optional[int] = None  # Optional pre-logits Dense + tanh.
