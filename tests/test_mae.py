@@ -207,10 +207,8 @@ def test_mae_and_simmim_train_and_the_encoder_fine_tunes(tmp_path):
                                 ["Dense_0"]["kernel"])
   np.testing.assert_array_equal(loaded["pos_embedding"], trained["pos_embedding"])
 
-  config = _tiny("configs/mae_digits.py", name="simmim", mask_patch_size=8)
-  for key in ("decoder_width", "decoder_depth", "decoder_num_heads", "norm_pix_loss"):
-    del config.model[key]
-  config.task = "simmim"
+  config = _tiny("configs/simmim_digits.py")
+  assert config.task == "simmim" and config.model.mask_patch_size == 8
   config.evaluators = None  # The task's default: reconstruction.
   result = train_lib.train(config, str(tmp_path / "simmim"), progress=False)
   assert np.isfinite(result["eval/reconstruction_loss"])
