@@ -110,7 +110,8 @@ def clip_files(tmp_path_factory):
   merge_lines = ["#version: 0.2"] + [" ".join(m) for m in merges]
   (directory / "merges.txt").write_text("\n".join(merge_lines) + "\n", encoding="utf-8")
   with gzip.open(directory / "bpe_simple_vocab.txt.gz", "wt", encoding="utf-8") as f:
-    f.write("\n".join(merge_lines) + "\n")
+    # OpenAI's file starts with a header line of its own, which its reader always skips.
+    f.write("\n".join(['"bpe_simple_vocab_16e6.txt#version: 0.2'] + merge_lines[1:]) + "\n")
   return directory, len(tokens)
 
 

@@ -129,7 +129,7 @@ class CLIPTokenizer(ByteTokenizer):
         lines = f.read().splitlines()
     except (OSError, EOFError) as error:
       raise ValueError(f"Cannot read {path} as gzip-compressed text: {error}") from None
-    merges = _parse_merges(lines, path)
+    merges = _parse_merges(lines[1:], path, first_line=2)  # Line 1 is a header, always.
     if len(merges) < num_merges:
       raise ValueError(f"{path} holds {len(merges)} merges; a vocabulary of {vocab_size} "
                        f"needs {num_merges}. Pass the vocab_size the model was trained with.")
@@ -184,10 +184,10 @@ class CLIPTokenizer(ByteTokenizer):
     return " ".join(word for word in words if word)
 
 
-def _parse_merges(lines, path):
-  """(left, right) pairs of a merges file, skipping the '#version' header and blank lines."""
+def _parse_merges(lines, path, first_line=1):
+  """(left, right) pairs of a merges file, skipping a '#version' header and blank lines."""
   merges = []
-  for number, line in enumerate(lines, 1):
+  for number, line in enumerate(lines, first_line):
     if not line.strip() or (number == 1 and line.startswith("#")):
       continue
     parts = line.split()
