@@ -124,3 +124,18 @@ def test_steps_alternate_and_the_ratio_is_paired_by_round():
   assert {name: len(t) for name, t in times.items()} == {"vitjax": 3, "torch": 3}
   # Per-round ratios 2, 2 and 10 (PyTorch's third step hit by a load spike): the median is 2.
   assert benchmark.paired_ratio([2.0, 4.0, 30.0], [1.0, 2.0, 3.0]) == 2.0
+
+
+def test_a_pytorch_side_that_fails_on_its_first_step_leaves_the_vitjax_figures(monkeypatch):
+  def failing_step():
+    raise RuntimeError("torch.compile: backend compiler failed")
+
+  monkeypatch.setattr(benchmark, "resolve_compare", lambda compare: "timm")
+  monkeypatch.setattr(benchmark, "build_torch",
+                      lambda *args: (failing_step, {"implementation": "timm"}))
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    result = benchmark.main(TINY + ["--mode", "infer", "--compare", "timm"])
+  assert result["images_per_s"] > 0 and result["ratio"] is None
+  assert "backend compiler failed" in result["torch"]["error"]
+  assert "PyTorch side not run" in out.getvalue()

@@ -494,6 +494,7 @@ def main(argv=None):
     try:
       run_torch, torch_info = build_torch(compare, model, args, dtype_name, images, labels,
                                           platform)
+      run_torch()  # A first step here: torch.compile compiles (and may fail) on it.
       runners["torch"] = run_torch
     except Exception as error:  # pylint: disable=broad-except
       torch_info = {"implementation": compare, "error": f"{type(error).__name__}: {error}"}
