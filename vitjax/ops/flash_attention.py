@@ -133,7 +133,7 @@ def flash_attention(q, k, v, *, bias=None, mask=None, segment_ids=None, causal=F
     interpret: run the kernels in the Pallas interpreter (default: on the CPU).
     platform: 'gpu' (Triton), 'tpu' (Mosaic) or 'cpu'; what the kernels are
       built for. Defaults to the platform this runs on; name another only to
-      lower for it from here (`lower_for`).
+      lower for it from here (`jax.jit(f).trace(...).lower(lowering_platforms=...)`).
 
   Returns:
     (batch, q_len, heads, head_dim) in the dtype of `v`.
