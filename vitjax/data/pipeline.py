@@ -541,9 +541,7 @@ def _with_model_preprocessing(input_config: InputConfig,
                               config: Any) -> InputConfig:
   """input.preprocess_from_model: mean, std, crop_pct, interpolation of a weight."""
   choice = input_config.preprocess_from_model
-  if isinstance(choice, str) and choice.strip().lower() in ("", "false", "none"):
-    return input_config
-  if not choice:
+  if not choice or (isinstance(choice, str) and choice.strip().lower() in ("false", "none")):
     return input_config
   from vitjax import models  # pylint: disable=g-import-not-at-top
   own = choice is True or choice.strip().lower() in ("model", "true")

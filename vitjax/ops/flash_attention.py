@@ -275,25 +275,27 @@ def _full_kv_segment_spec(length):
   return pl.BlockSpec((None, 1, length), lambda b, h, i: (b, 0, 0))
 
 
-def _call(static, kernel, name, **kwargs):
-  """`pl.pallas_call` with the platform's compiler: Triton, Mosaic or the interpreter."""
-  compiler_params = None
+def _compiler_params(static):
+  """Triton's or Mosaic's parameters for the platform; None for the interpreter."""
   if static.interpret:
-    pass
-  elif static.platform == "gpu":
+    return None
+  if static.platform == "gpu":
     if pltriton is None:
       raise NotImplementedError(
           f"This JAX ({jax.__version__}) has no Pallas Triton backend, which vitjax's GPU "
           f"kernels use. Use attention_impl='cudnn' or 'xla' on GPUs.")
     # Named explicitly: a bare pallas_call may go to Mosaic GPU, which these kernels
     # are not written for.
-    compiler_params = pltriton.CompilerParams(num_warps=static.blocks.num_warps,
-                                              num_stages=static.blocks.num_stages)
-  elif static.platform == "tpu":
-    # Every program writes its own output tile: all grid axes may run in parallel.
-    compiler_params = pltpu.CompilerParams(dimension_semantics=("parallel",) * 3)
+    return pltriton.CompilerParams(num_warps=static.blocks.num_warps,
+                                   num_stages=static.blocks.num_stages)
+  # TPU: every program writes its own output tile, so all grid axes may run in parallel.
+  return pltpu.CompilerParams(dimension_semantics=("parallel",) * 3)
+
+
+def _call(static, kernel, name, **kwargs):
+  """`pl.pallas_call` with the platform's compiler: Triton, Mosaic or the interpreter."""
   return pl.pallas_call(functools.partial(kernel, static), interpret=static.interpret,
-                        compiler_params=compiler_params, name=name, **kwargs)
+                        compiler_params=_compiler_params(static), name=name, **kwargs)
 
 
 # ---------------------------------------------------------------------------

@@ -58,6 +58,12 @@ def byte_symbols():
   return symbols
 
 
+@functools.lru_cache(maxsize=None)
+def _symbol_bytes():
+  """The inverse of `byte_symbols`: printable character -> byte value."""
+  return {symbol: byte for byte, symbol in byte_symbols().items()}
+
+
 def _clean(text):
   """OpenAI's basic_clean + whitespace_clean + lower."""
   try:
@@ -178,7 +184,7 @@ class CLIPTokenizer(ByteTokenizer):
     if self.eos_id in row:
       row = row[:row.index(self.eos_id)]
     text = "".join(self._tokens.get(t, "") for t in row if t not in (self.bos_id, self.eos_id))
-    byte_of = {symbol: byte for byte, symbol in byte_symbols().items()}
+    byte_of = _symbol_bytes()
     words = (bytes(byte_of[c] for c in word).decode("utf-8", errors="replace")
              for word in text.split(END_OF_WORD))
     return " ".join(word for word in words if word)
