@@ -59,3 +59,21 @@ def test_unknown_and_unavailable_implementations_are_errors():
   if jax.default_backend() != "gpu":
     with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
       ops.dot_product_attention(q, q, q, implementation="cudnn")
+
+
+def test_xla_gradients_match_numpy():
+  # The values' einsum runs head-major (for XLA:CPU's sake); the gradients must not notice.
+  keys = jax.random.split(jax.random.PRNGKey(1), 4)
+  q, k, v, cotangent = (jax.random.normal(key, (2, 6, 3, 8)) for key in keys)
+  grads = jax.vjp(lambda *qkv: ops.dot_product_attention(*qkv, implementation="xla"),
+                  q, k, v)[1](cotangent)
+  q64, k64, v64, g64 = (np.asarray(x, np.float64) for x in (q, k, v, cotangent))
+  weights = np.exp(np.einsum("bqhd,bkhd->bhqk", q64, k64) / np.sqrt(8))
+  weights /= weights.sum(-1, keepdims=True)
+  dweights = np.einsum("bqhd,bkhd->bhqk", g64, v64)
+  dlogits = weights * (dweights - (dweights * weights).sum(-1, keepdims=True)) / np.sqrt(8)
+  expected = (np.einsum("bhqk,bkhd->bqhd", dlogits, k64),
+              np.einsum("bhqk,bqhd->bkhd", dlogits, q64),
+              np.einsum("bhqk,bqhd->bkhd", weights, g64))
+  for got, want in zip(grads, expected):
+    np.testing.assert_allclose(got, want, atol=1e-5)

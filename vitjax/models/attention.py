@@ -60,8 +60,7 @@ class MultiHeadDotProductAttention(nn.Module):
     if self.dropout > 0.0 and not deterministic:
       # Dropout on the attention weights needs them materialised: the unfused path.
       weights = ops.attention_weights(q, k, bias=bias, mask=mask, causal=causal)
-      weights = nn.Dropout(rate=self.dropout)(weights, deterministic=False)
-      x = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+      x = ops.attention_output(nn.Dropout(rate=self.dropout)(weights, deterministic=False), v)
     else:
       x = ops.dot_product_attention(q, k, v, bias=bias, mask=mask, causal=causal,
                                     implementation=self.attention_impl)
@@ -104,12 +103,12 @@ class HeadProjection(nn.Module):
     init = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
     kernel = self.param("kernel", logical(init, "embed", "heads", "kv"),
                         (x.shape[-1], self.num_heads, self.head_dim), self.param_dtype)
-    y = jnp.einsum("...d,dhk->...hk", x.astype(self.dtype), kernel.astype(self.dtype))
-    if self.use_bias:
-      bias = self.param("bias", logical(nn.initializers.zeros, "heads", "kv"),
-                        (self.num_heads, self.head_dim), self.param_dtype)
-      y = y + bias.astype(self.dtype)
-    return y
+    bias = (self.param("bias", logical(nn.initializers.zeros, "heads", "kv"),
+                       (self.num_heads, self.head_dim), self.param_dtype)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = ops.dense(x, kernel.reshape(x.shape[-1], -1), None if bias is None else bias.reshape(-1))
+    return y.reshape(y.shape[:-1] + (self.num_heads, self.head_dim))
 
 
 class OutProjection(nn.Module):
@@ -124,9 +123,10 @@ class OutProjection(nn.Module):
     init = nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
     kernel = self.param("kernel", logical(init, "heads", "kv", "embed"),
                         x.shape[-2:] + (self.features,), self.param_dtype)
-    y = jnp.einsum("...hk,hkd->...d", x.astype(self.dtype), kernel.astype(self.dtype))
-    if self.use_bias:
-      bias = self.param("bias", logical(nn.initializers.zeros, "embed"), (self.features,),
-                        self.param_dtype)
-      y = y + bias.astype(self.dtype)
-    return y
+    bias = (self.param("bias", logical(nn.initializers.zeros, "embed"), (self.features,),
+                       self.param_dtype)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    heads_and_dims = x.shape[-2] * x.shape[-1]
+    return ops.dense(x.reshape(x.shape[:-2] + (heads_and_dims,)),
+                     kernel.reshape(heads_and_dims, self.features), bias)

@@ -37,6 +37,9 @@ def _jaxpr_macs(jaxpr):
       spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial) positions.
       per_output = math.prod(rhs[d] for d in spec[1:])
       total += math.prod(eqn.outvars[0].aval.shape) * per_output
+    if name == "cond":  # One branch runs (e.g. vitjax.ops.dense's per-platform branches).
+      total += max(_jaxpr_macs(branch.jaxpr) for branch in eqn.params["branches"])
+      continue
     repeat = eqn.params.get("length", 1) if name == "scan" else 1
     for param in eqn.params.values():
       for sub in (param if isinstance(param, (tuple, list)) else (param,)):
