@@ -6,6 +6,8 @@ value and gradients must be those of `x @ kernel + bias`.
 Run: python -m pytest -q tests/test_dense.py
 """
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -81,8 +83,7 @@ def test_dense_module_matches_flax_dense():
 def test_gelu_is_the_exact_gelu():
   x = jnp.linspace(-8.0, 8.0, 4001)
   x64 = np.asarray(x, np.float64)
-  # x Phi(x), with Phi from the float64 error function of NumPy's math module.
-  erf = np.vectorize(__import__("math").erf)
+  erf = np.vectorize(math.erf)  # float64.
   exact = 0.5 * x64 * (1.0 + erf(x64 / np.sqrt(2.0)))
   np.testing.assert_allclose(layers.gelu(x), exact, atol=2e-6, rtol=1e-6)
   density = np.exp(-0.5 * x64 ** 2) / np.sqrt(2 * np.pi)
