@@ -34,7 +34,7 @@ def get_config(arg=None):
   # Data, model and mesh as in the quickstart; what differs is the recipe below.
   config = config_lib.load_config(
       f"{QUICKSTART}:variant={arg.variant},image_size={arg.image_size},steps={arg.steps}")
-  config.model.pool_type = arg.pool_type  # 'tok' for the AugReg / ViT paper checkpoints.
+  config.model.pool_type = arg.pool_type  # 'token' for the AugReg / ViT paper checkpoints.
   config.model.drop_path_rate = 0.0
   config.label_smoothing = 0.0
   config.init = arg.init or None  # Weights to start from: any vitjax.load_weights source.

@@ -5,6 +5,8 @@ import importlib.util
 import io
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -139,3 +141,28 @@ def test_a_pytorch_side_that_fails_on_its_first_step_leaves_the_vitjax_figures(m
   assert result["images_per_s"] > 0 and result["ratio"] is None
   assert "backend compiler failed" in result["torch"]["error"]
   assert "PyTorch side not run" in out.getvalue()
+
+
+@pytest.mark.parametrize("name,closest", [("vit_bas_patch16_224", "Closest: vit_base_patch16_224"),
+                                          ("UNKNOWN", "vit_*")])
+def test_an_unknown_model_is_one_line_and_exit_status_2(name, closest):
+  result = subprocess.run([sys.executable, "-m", "vitjax.tools.benchmark", "--model", name],
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # One line.
+  assert f"error: Unknown model {name!r}" in result.stderr and closest in result.stderr
+  assert "Traceback" not in result.stderr and not result.stdout
+
+
+def test_a_family_without_a_variant_notes_what_it_builds(capsys):
+  # check_model builds no parameters: the note costs nothing.
+  benchmark.check_model(benchmark.parse_args(["--model", "vit"]))
+  note = capsys.readouterr().err
+  assert note.startswith("note: 'vit' without a variant builds VisionTransformer(variant='B/16'")
+  assert "pool_type='token'" in note and "--variant" in note
+  benchmark.check_model(benchmark.parse_args(["--model", "deit", "--image_size", "32"]))
+  note = capsys.readouterr().err
+  assert "variant='B/16'" in note and "image_size=32" in note and "distilled=True" in note
+  benchmark.check_model(benchmark.parse_args(["--model", "vit", "--variant", "mu/16"]))
+  benchmark.check_model(benchmark.parse_args(["--model", "vit_tiny_patch16_224"]))
+  assert not capsys.readouterr().err  # A size was given: nothing to note.

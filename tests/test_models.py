@@ -1,5 +1,8 @@
 """ViT / DeiT: names, published parameter counts, outputs, train mode."""
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -183,6 +186,17 @@ def test_model_table_tool_lists_published_counts_and_macs(capsys):
   # A two-tower model's image-only forward returns no logits; its image tower still counts.
   clip = model_table.model_row("clip_vit_base_patch16")
   assert round(clip["gmacs"], 1) == 17.6 and 2.0 < clip["xla_gflops"] / clip["gmacs"] < 2.2
+
+
+def test_model_table_without_a_match_is_an_error():
+  result = subprocess.run([sys.executable, "-m", "vitjax.tools.model_table", "*nonsense*"],
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 2 and not result.stdout  # Not an empty table that reads as success.
+  assert "error: no registered model matches '*nonsense*'" in result.stderr
+  assert "'vit_*'" in result.stderr and "Traceback" not in result.stderr
+  from vitjax.tools import model_table
+  assert "closest: vit_base_patch16_224" in model_table.no_match_message("vit_base_patch16_225*")
+  assert "only names a family" in model_table.no_match_message("vit")
 
 
 def test_mac_counter_counts_matmuls_and_convolutions():

@@ -121,7 +121,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys
   for path in data_files:
     os.truncate(path, os.path.getsize(path) // 2)
   result = train_lib.train(tiny_config(total_steps=6), workdir, progress=False)
-  assert f"checkpoint at step 4 ({latest}) cannot be restored" in capsys.readouterr().out
+  assert f"the checkpoint of step 4 cannot be read ({latest}/state/" in capsys.readouterr().err
   assert os.path.isdir(os.path.join(workdir, "checkpoints_unreadable", "4"))
   assert result["step"] == 6
   rows = read_rows(workdir)

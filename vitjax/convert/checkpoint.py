@@ -9,7 +9,6 @@ layout loads into a model of either.
 """
 
 import math
-import os
 
 import flax.linen
 from flax import traverse_util
@@ -43,8 +42,9 @@ def load_weights(model, path, *, head="error", rng=0):
       (Hugging Face ViTMAE state dicts: vitjax.convert.mae). A ViT given a MAE or
       SimMIM checkpoint takes its encoder: fine-tuning after pre-training.
     path: an .npz, .safetensors, .pth/.pt/.bin file, a Hugging Face model
-      directory, or a vitjax training workdir (its latest checkpoint). The format
-      is told from the names inside, not the file name.
+      directory, or a vitjax training workdir (its latest readable checkpoint;
+      newer unreadable ones are skipped with a warning). The format is told
+      from the names inside, not the file name.
     head: 'error' (default) raises if the classifier does not fit the model;
       'reinit' drops the checkpoint's `head`/`head_dist` (and a `pre_logits` that
       does not fit) and takes freshly initialised ones: fine-tuning on new classes.
@@ -70,11 +70,11 @@ def load_weights(model, path, *, head="error", rng=0):
   if isinstance(model, TwoTowers):  # CLIP / SigLIP / LiT, or one tower: vitjax.convert.clip.
     from vitjax.convert import clip  # pylint: disable=g-import-not-at-top
     return clip.load_two_towers(model, path, head=head, rng=rng)
-  arrays, container = _read_arrays(path)
+  arrays, source = files.read_checkpoint(path)
   if mae.is_masked_model(model):  # MAE / SimMIM: vitjax.convert.mae.
-    return mae.load_masked_weights(model, arrays, path, head=head, rng=rng)
+    return mae.load_masked_weights(model, arrays, source, head=head, rng=rng)
   arrays = mae.encoder_arrays(arrays)  # A pre-trained MAE / SimMIM's encoder, for fine-tuning.
-  layout, params = _to_vitjax_names(arrays, model, path, container)
+  layout, params = _to_vitjax_names(arrays, model, source)
   template = traverse_util.flatten_dict(param_shapes(model), sep="/")
   scanned = big_vision.is_scanned(template)
   if scanned:  # Compared block by block, as the checkpoint was unstacked.
@@ -83,7 +83,7 @@ def load_weights(model, path, *, head="error", rng=0):
   params = _fit_posemb(params, model, template)
   if head == "reinit":
     params = _reinit_head(params, model, template, rng)
-  message = _mismatch_message(params, template, f"The {layout} checkpoint {path}")
+  message = _mismatch_message(params, template, f"The {source.describe(layout)}")
   if message:
     if scanned:
       message += ("\nThe model has scan_layers=True: its stacked 'Transformer/encoderblock/...' "
@@ -105,7 +105,9 @@ def save_weights(params, path, *, format="big_vision"):  # pylint: disable=redef
   as big_vision's scan=True writes). format='timm' or 'hf': a .safetensors state
   dict for timm or Hugging Face transformers (hub names, so every transformers
   version reads it; see `hf_config` for the config), one entry per block. Swin
-  parameters go to timm's SwinTransformer or HF's SwinForImageClassification.
+  parameters go to timm's SwinTransformer or HF's SwinForImageClassification,
+  MLP-Mixer ones to timm's MlpMixer (format='timm'); two-tower and MAE / SimMIM
+  parameters save as format='big_vision' only.
   """
   if format not in ("big_vision", "timm", "hf"):
     raise ValueError(f"format={format!r}: use 'big_vision', 'timm' or 'hf'.")
@@ -124,6 +126,10 @@ def save_weights(params, path, *, format="big_vision"):  # pylint: disable=redef
     raise ValueError(f"{path}: format={format!r} writes .safetensors, not .{suffix}.")
   if swin.is_swin_params(flat):  # timm's SwinTransformer / HF's SwinForImageClassification.
     files.write_safetensors(swin.from_vitjax(flat, format), path, metadata={"format": "pt"})
+    return
+  _check_family_exports(flat, format)
+  if mixer.is_mixer_params(flat):
+    files.write_safetensors(mixer.from_vitjax(flat), path, metadata={"format": "pt"})
     return
   flat = big_vision.unstack_blocks(flat)  # PyTorch models number their blocks.
   state_dict = _to_timm(flat) if format == "timm" else _to_hf(flat)
@@ -162,16 +168,7 @@ def hf_config(model):
 
 # --- Loading -------------------------------------------------------------------------------
 
-def _read_arrays(path):
-  """files.read_arrays, or the latest parameters of a training workdir (vitjax.train)."""
-  if os.path.isdir(os.path.join(os.path.expanduser(os.fspath(path)), "checkpoints")):
-    from vitjax.train import checkpoints  # pylint: disable=g-import-not-at-top
-    params = traverse_util.flatten_dict(checkpoints.load_params(path), sep="/")
-    return {name: np.asarray(value) for name, value in params.items()}, "training checkpoint"
-  return files.read_arrays(path)
-
-
-def _detect_layout(arrays, path, container):
+def _detect_layout(arrays, source):
   """(layout name, wrapper prefix), from where a known parameter name sits."""
   for layout, anchor in _LAYOUTS:
     prefixes = sorted({name[:-len(anchor)] for name in arrays if name.endswith(anchor)
@@ -181,25 +178,26 @@ def _detect_layout(arrays, path, container):
     if len(prefixes) == 1 or preferred:
       return layout, (preferred or prefixes)[0]
     if prefixes:
-      raise CheckpointError(f"{path} holds several models ({layout} layout, prefixes "
-                            f"{', '.join(map(repr, prefixes))}); vitjax loads one at a time.")
+      raise CheckpointError(f"The {source.describe()} holds several models ({layout} layout, "
+                            f"prefixes {', '.join(map(repr, prefixes))}); vitjax loads one at "
+                            "a time.")
   first = ", ".join(sorted(arrays)[:8]) or "no arrays"
   raise CheckpointError(
-      f"{path} ({container}, {len(arrays)} arrays) is not a ViT checkpoint in a layout vitjax "
-      f"knows. Found: {first}{', ...' if len(arrays) > 8 else ''}. vitjax reads big_vision / "
-      "AugReg .npz ('embedding/kernel', 'Transformer/encoderblock_0/...'), timm state dicts "
-      "('patch_embed.proj.weight', 'blocks.0.attn.qkv.weight') and Hugging Face transformers "
-      "ViT/DeiT ('vit.embeddings.patch_embeddings.projection.weight'), in .npz, .safetensors "
-      "or PyTorch files.")
+      f"The {source.describe()} ({len(arrays)} arrays) is not a ViT checkpoint in a layout "
+      f"vitjax knows. Found: {first}{', ...' if len(arrays) > 8 else ''}. vitjax reads "
+      "big_vision / AugReg .npz ('embedding/kernel', 'Transformer/encoderblock_0/...'), timm "
+      "state dicts ('patch_embed.proj.weight', 'blocks.0.attn.qkv.weight') and Hugging Face "
+      "transformers ViT/DeiT ('vit.embeddings.patch_embeddings.projection.weight'), in .npz, "
+      ".safetensors or PyTorch files.")
 
 
-def _to_vitjax_names(arrays, model, path, container):
+def _to_vitjax_names(arrays, model, source):
   if swin.is_swin(arrays):
-    raise CheckpointError(f"{path} holds a Swin Transformer; load it into a Swin model, e.g. "
-                          "vitjax.create_model('swin_tiny_patch4_window7_224').")
+    raise CheckpointError(f"The {source.describe()} holds a Swin Transformer; load it into a "
+                          "Swin model, e.g. vitjax.create_model('swin_tiny_patch4_window7_224').")
   if mixer.is_mixer(arrays):
-    return "MLP-Mixer", mixer.to_vitjax(arrays)
-  layout, prefix = _detect_layout(arrays, path, container)
+    return f"{mixer.layout(arrays)} MLP-Mixer", mixer.to_vitjax(arrays)
+  layout, prefix = _detect_layout(arrays, source)
   if layout == "big_vision":
     # A wrapper ('params/', 'opt/target/', 'img/' of a two-tower model): only what is inside.
     arrays = {name[len(prefix):]: v for name, v in arrays.items() if name.startswith(prefix)}
@@ -303,6 +301,24 @@ def _hints(params, template, differing):
 
 
 # --- Saving to PyTorch layouts -------------------------------------------------------------
+
+def _check_family_exports(flat, format):  # pylint: disable=redefined-builtin
+  """Raises naming the model family and the formats it saves to, if `format` is not one."""
+  if mixer.is_mixer_params(flat):
+    family, formats, hint = "MLP-Mixer", ("big_vision", "timm"), ""
+  elif (any(name.startswith("img/") for name in flat)
+        and any(name.startswith("txt/") for name in flat)):
+    family, formats, hint = "Two-tower (CLIP / SigLIP / LiT)", ("big_vision",), ""
+  elif any(mae.is_decoder_name(name) for name in flat):
+    family, formats = "MAE / SimMIM", ("big_vision",)
+    hint = (" The encoder alone, vitjax.models.mae.encoder_params(params), is a ViT's and "
+            "saves with format='timm' or 'hf'.")
+  else:
+    return
+  if format not in formats:
+    raise ValueError(f"{family} parameters have no format={format!r} export; they save with "
+                     f"format={' or '.join(map(repr, formats))}.{hint}")
+
 
 def _check_exportable(flat, target):
   if "pos_embedding" not in flat:

@@ -11,7 +11,6 @@ have one: it is loaded as zeros, which computes the same thing.
 """
 
 from collections.abc import Mapping
-import os
 
 import flax.linen
 from flax import traverse_util
@@ -129,17 +128,17 @@ def load_two_towers(model, path, *, head="error", rng=0):
   if isinstance(path, Mapping) or hasattr(path, "to_dict"):
     paths = dict(path.to_dict() if hasattr(path, "to_dict") else path)
     return _load_towers(model, paths, head, rng, template)
-  arrays, container = _read_arrays(path)
+  arrays, source = files.read_checkpoint(path)
   if is_hf_two_towers(arrays):
     prefix = _wrapper_prefix(arrays, "text_model.embeddings.token_embedding.weight")
     arrays = {n[len(prefix):]: v for n, v in arrays.items() if n.startswith(prefix)}
     params = hf_to_vitjax(arrays, image_tower(model).num_heads, model.text.get(
         "num_heads", TextTransformer.num_heads))
-    what = f"The Hugging Face CLIP/SigLIP checkpoint {path}"
+    what = f"The {source.describe('Hugging Face CLIP/SigLIP')}"
   elif any(n.startswith(("img/", "params/img/")) for n in arrays):
     prefix = "params/" if any(n.startswith("params/img/") for n in arrays) else ""
     params = {n[len(prefix):]: v for n, v in arrays.items() if n.startswith(prefix)}
-    what = f"The two-tower checkpoint {path}"
+    what = f"The {source.describe('vitjax two-tower')}"
   else:  # An image model's checkpoint (LiT): the image tower from it, the rest fresh.
     return _load_towers(model, {"img": path}, head, rng, template)
   # HF CLIP's bias-free layers are vitjax layers with a zero bias.
@@ -147,15 +146,6 @@ def load_two_towers(model, path, *, head="error", rng=0):
     if name.endswith("/bias") and name not in params and name[:-5] + "/kernel" in params:
       params[name] = np.zeros(shape.shape, shape.dtype)
   return _checked(params, template, what)
-
-
-def _read_arrays(path):
-  """files.read_arrays, or the parameters of a vitjax training workdir's latest checkpoint."""
-  if os.path.isdir(os.path.join(os.path.expanduser(os.fspath(path)), "checkpoints")):
-    from vitjax.train import checkpoints  # pylint: disable=g-import-not-at-top
-    flat = traverse_util.flatten_dict(checkpoints.load_params(path), sep="/")
-    return {name: np.asarray(value) for name, value in flat.items()}, "training checkpoint"
-  return files.read_arrays(path)
 
 
 def _wrapper_prefix(arrays, anchor):
@@ -178,7 +168,7 @@ def _load_towers(model, paths, head, rng, template):
     params.update({f"img/{n}": v for n, v in
                    traverse_util.flatten_dict(tower, sep="/").items()})
   if paths.get("txt"):
-    arrays, _ = _read_arrays(paths["txt"])
+    arrays, _ = files.read_checkpoint(paths["txt"])
     prefix = "params/txt/" if any(n.startswith("params/txt/") for n in arrays) else "txt/"
     if not any(n.startswith(prefix) for n in arrays):
       raise CheckpointError(f"{paths['txt']} holds no text tower ('txt/...' names).")

@@ -5,6 +5,7 @@ nothing is ever unpickled: .npz with allow_pickle=False, PyTorch files with
 weights_only=True, and safetensors parsed here (its header is JSON).
 """
 
+import dataclasses
 import errno
 import json
 import math
@@ -15,6 +16,7 @@ import tempfile
 import warnings
 import zipfile
 
+from flax import traverse_util
 import ml_dtypes
 import numpy as np
 
@@ -30,6 +32,51 @@ _SAFETENSORS_DTYPES = {
 }
 # Files a Hugging Face model directory holds its weights in, in order of preference.
 _DIRECTORY_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Where a checkpoint's arrays came from, to name it for what it is in messages."""
+  path: str
+  container: str  # 'npz', 'safetensors', 'PyTorch', or 'workdir' (a vitjax training run).
+  step: int | None = None  # The checkpoint read from a workdir.
+
+  def describe(self, layout=None):
+    """E.g. 'timm .safetensors file x', 'vitjax training workdir w (step 40)'.
+
+    A workdir holds vitjax's names, whatever `layout` they were matched as.
+    """
+    if self.container == "workdir":
+      return f"vitjax training workdir {self.path} (step {self.step})"
+    kind = _CONTAINER_NAMES.get(self.container, self.container)
+    if os.path.isdir(os.path.expanduser(self.path)):
+      kind = f"model directory ({kind})"
+    return " ".join([*([layout] if layout else []), kind, self.path])
+
+
+_CONTAINER_NAMES = {"npz": ".npz", "safetensors": ".safetensors file",
+                    "PyTorch": "PyTorch file"}
+
+
+def read_checkpoint(path):
+  """({name: np.ndarray}, Source) of a file `read_arrays` reads, or of a training workdir.
+
+  A vitjax training workdir (a directory with `checkpoints/`) gives the parameters
+  of its latest readable checkpoint, with vitjax's '/'-joined names.
+  """
+  expanded = os.path.expanduser(os.fspath(path))
+  if os.path.isdir(os.path.join(expanded, "checkpoints")):
+    # Imported here: the trainer's modules (orbax) are needed for workdirs alone.
+    from vitjax.train import checkpoints  # pylint: disable=import-outside-toplevel
+    try:
+      step, params = checkpoints.load_params_and_step(expanded)
+    except checkpoints.CheckpointError as e:  # The trainer's error, as load_weights documents.
+      raise CheckpointError(str(e)) from None
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return ({name: np.asarray(value) for name, value in flat.items()},
+            Source(os.fspath(path), "workdir", step))
+  arrays, container = read_arrays(path)
+  return arrays, Source(os.fspath(path), container)
 
 
 def read_arrays(path):

@@ -15,7 +15,6 @@ import jax
 import numpy as np
 
 from vitjax.convert import mismatch, pytorch
-from vitjax.convert.files import CheckpointError
 from vitjax.models import dummy_input, param_shapes
 from vitjax.models import mae as mae_models
 
@@ -70,8 +69,11 @@ def from_hf(arrays, model):
   return out
 
 
-def load_masked_weights(model, arrays, path, *, head="error", rng=0):
-  """Parameters for a MaskedAutoencoder / SimMIM from the flat `arrays` of checkpoint `path`.
+def load_masked_weights(model, arrays, source, *, head="error", rng=0):
+  """Parameters for a MaskedAutoencoder / SimMIM from the flat `arrays` of `source`.
+
+  `source` is where they were read from (a `vitjax.convert.files.Source`), to
+  name it in messages.
 
   head='reinit' initialises afresh what the checkpoint lacks of the decoder (a
   `ViTMAEModel` holds the encoder only); head='error' reports it as missing.
@@ -82,17 +84,21 @@ def load_masked_weights(model, arrays, path, *, head="error", rng=0):
   if any(name.endswith(_HF_ANCHOR) for name in arrays):
     layout, params = "Hugging Face ViTMAE", from_hf(arrays, model)
   else:
-    layout, params = "vitjax", {name[len("params/"):] if name.startswith("params/") else name:
-                                value for name, value in arrays.items()}
+    # vitjax's own names; a timm file is reported by what it is, to be loaded into a ViT.
+    layout = "timm" if any(name.endswith(pytorch.TIMM_ANCHOR) for name in arrays) else "vitjax"
+    params = {name[len("params/"):] if name.startswith("params/") else name: value
+              for name, value in arrays.items()}
   template = traverse_util.flatten_dict(param_shapes(model), sep="/")
   if head == "reinit":
     missing_decoder = [n for n in template if is_decoder_name(n) and n not in params]
     if missing_decoder:
       params.update({n: v for n, v in _fresh_params(model, rng).items() if n in missing_decoder})
-  message = mismatch.mismatch_message(params, template, f"The {layout} checkpoint {path}",
+  message = mismatch.mismatch_message(params, template, f"The {source.describe(layout)}",
                                       _hints)
   if message:
-    raise CheckpointError(message)
+    # Imported here: vitjax.convert.checkpoint imports this module.
+    from vitjax.convert import checkpoint  # pylint: disable=import-outside-toplevel
+    raise checkpoint.CheckpointMismatchError(message)
   params = {name: np.array(params[name], dtype=t.dtype) for name, t in template.items()}
   return traverse_util.unflatten_dict(params, sep="/")
 
@@ -106,6 +112,10 @@ def _fresh_params(model, rng):
 
 def _hints(params, template, differing):
   hints = []
+  if any(name.endswith(pytorch.TIMM_ANCHOR) for name in params):
+    hints.append("MAE / SimMIM models read Hugging Face ViTMAE state dicts and vitjax files; "
+                 "a timm ViT (such as timm's MAE encoders) loads into a plain ViT "
+                 "(vitjax.create_model('vit', ..., pool_type='token')).")
   if not any(is_decoder_name(n) for n in params) and any(is_decoder_name(n) for n in template):
     hints.append("The checkpoint has no decoder (a ViTMAEModel, or an encoder alone): "
                  "head='reinit' initialises a fresh one, or load it into a plain ViT "

@@ -1,8 +1,9 @@
 """MLP-Mixer weights: the published big_vision / vision_transformer .npz and timm state dicts.
 
 The .npz names are vitjax's own (`stem/kernel`, `MixerBlock_0/token_mixing/Dense_0/kernel`,
-...); timm's are renamed here: `stem.proj`, `blocks.{i}.norm1`, `blocks.{i}.mlp_tokens.fc1`,
-`blocks.{i}.norm2`, `blocks.{i}.mlp_channels.fc1`, `norm`, `head`.
+...); timm's are renamed here, both ways (`save_weights(..., format='timm')`): `stem.proj`,
+`blocks.{i}.norm1`, `blocks.{i}.mlp_tokens.fc1`, `blocks.{i}.norm2`,
+`blocks.{i}.mlp_channels.fc1`, `norm`, `head`.
 """
 
 import re
@@ -25,6 +26,11 @@ _TIMM_TOP = {"norm": "pre_head_layer_norm", "head": "head"}
 
 def is_mixer(arrays):
   return any(name.endswith((BIG_VISION_ANCHOR, TIMM_ANCHOR)) for name in arrays)
+
+
+def layout(arrays):
+  """'big_vision' or 'timm', for messages."""
+  return "timm" if any(name.endswith(TIMM_ANCHOR) for name in arrays) else "big_vision"
 
 
 def to_vitjax(arrays):
@@ -56,3 +62,34 @@ def _from_timm(name, value):
   if kind == "weight":
     return {f"{target}/{'scale' if is_norm else 'kernel'}": value if is_norm else value.T}
   return {f"{target}/bias": value}
+
+
+def is_mixer_params(flat):
+  """Whether {vitjax name: array} parameters are a vitjax MlpMixer's."""
+  return "stem/kernel" in flat and any(name.startswith("MixerBlock_") for name in flat)
+
+
+def from_vitjax(flat):
+  """{vitjax name: array} -> timm MlpMixer state dict; raises naming what has no place."""
+  to_timm = {vitjax_name: timm_name for timm_name, vitjax_name in _TIMM_BLOCK.items()}
+  to_timm.update({v: k for k, v in _TIMM_TOP.items()})
+  state_dict, left = {}, []
+  for name, value in flat.items():
+    module, _, leaf = name.rpartition("/")
+    value = np.asarray(value)
+    match = re.fullmatch(r"MixerBlock_(\d+)/(.+)", module)
+    if module == "stem":  # (kh, kw, in, out) -> PyTorch's (out, in, kh, kw).
+      target, value = "stem.proj", value.transpose(3, 2, 0, 1) if leaf == "kernel" else value
+    elif match and match.group(2) in to_timm:
+      target = f"blocks.{match.group(1)}.{to_timm[match.group(2)]}"
+    elif module in to_timm:
+      target = to_timm[module]
+    else:
+      left.append(name)
+      continue
+    if leaf == "kernel" and module != "stem":
+      value = value.T  # Dense: (in, out) -> Linear's (out, in).
+    state_dict[f"{target}.{'bias' if leaf == 'bias' else 'weight'}"] = value
+  if left:
+    raise ValueError(f"No place in timm's MlpMixer for: {', '.join(sorted(left))}.")
+  return state_dict

@@ -19,6 +19,7 @@ channel order of patch merging is the same in timm, HF and vitjax.
 """
 
 import math
+import os
 import re
 
 import flax.linen
@@ -119,7 +120,8 @@ def load_swin_weights(model, path, *, head="error", rng=0):
   params = _fit_bias_tables(params, template)
   if head == "reinit":
     params = _reinit_head(params, model, rng)
-  message = _mismatch_message(params, template, f"The {layout} Swin checkpoint {path}")
+  source = files.Source(os.fspath(path), container)
+  message = _mismatch_message(params, template, f"The {source.describe(layout + ' Swin')}")
   if message:
     # Imported here so that vitjax.convert.checkpoint can import this module.
     from vitjax.convert import checkpoint  # pylint: disable=import-outside-toplevel

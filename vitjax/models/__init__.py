@@ -47,12 +47,13 @@ class ModelEntry:
 
 
 _REGISTRY: Dict[str, ModelEntry] = {}
-# Families built from a `variant` string, big_vision style: name -> (module, decoder).
-_FAMILIES = {"vit": (vit.VisionTransformer, vit.decode_variant),
-             "deit": (vit.VisionTransformer, vit.decode_variant),
-             "mixer": (mixer.MlpMixer, mixer.decode_variant),
-             "mae": (mae.MaskedAutoencoder, vit.decode_variant),
-             "simmim": (mae.SimMIM, vit.decode_variant)}
+# Families built from a `variant` string, big_vision style: name -> (module, decoder, the
+# decoder's size table).
+_FAMILIES = {"vit": (vit.VisionTransformer, vit.decode_variant, vit.SIZES),
+             "deit": (vit.VisionTransformer, vit.decode_variant, vit.SIZES),
+             "mixer": (mixer.MlpMixer, mixer.decode_variant, mixer.SIZES),
+             "mae": (mae.MaskedAutoencoder, vit.decode_variant, vit.SIZES),
+             "simmim": (mae.SimMIM, vit.decode_variant, vit.SIZES)}
 
 
 def register(name, module, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, paper="", crop_pct=None,
@@ -85,7 +86,7 @@ def create_model(name, **overrides):
   explicit field (`width=...`) wins over the variant.
   """
   if name in _FAMILIES:
-    module, decode = _FAMILIES[name]
+    module, decode, _ = _FAMILIES[name]
     variant = overrides.pop("variant", None)
     config = decode(variant) if variant else {}
     if name == "deit":
@@ -110,11 +111,50 @@ def create_model(name, **overrides):
   return module(**config)
 
 
+def closest_models(name, n=5):
+  """Up to `n` registered names like `name` (a name or a shell pattern), closest first."""
+  return difflib.get_close_matches(name.strip("*?").lower(), list_models(), n=n, cutoff=0.5)
+
+
+def name_patterns():
+  """One shell pattern per name prefix ('deit_*', 'vit_*', ...), for when no name is close."""
+  return sorted({name.split("_")[0] + "_*" for name in _REGISTRY})
+
+
 def _unknown(name):
-  close = difflib.get_close_matches(name, list_models(), n=5, cutoff=0.5)
-  hint = f" Closest: {', '.join(close)}." if close else ""
+  close = closest_models(name)
+  hint = (f" Closest: {', '.join(close)}." if close else
+          f" None is close; the names match {', '.join(name_patterns())}.")
   return UnknownModelError(
       f"Unknown model {name!r}.{hint} See vitjax.list_models() for all names.")
+
+
+def family_default(name, **overrides):
+  """(variant, fields) of what `create_model(name, **overrides)` builds for a family.
+
+  Without a `variant`, the module's field defaults decide the size; `variant` is
+  their name in the family's size table (e.g. 'B/16'), None if they match no size.
+  """
+  module, decode, sizes = _FAMILIES[name]
+  model = create_model(name, **overrides)
+  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(module)
+            if f.name not in ("parent", "name")}
+  variant = None
+  for size in sizes:
+    candidate = f"{size}/{model.patch_size}"
+    if all(fields[k] == v for k, v in decode(candidate).items()):
+      variant = candidate
+      break
+  return variant, fields
+
+
+def describe_family_default(name, **overrides):
+  """One line: the variant and main options a family name without a variant builds."""
+  variant, fields = family_default(name, **overrides)
+  shown = ("image_size", "num_classes", "pool_type", "posemb", "distilled", "mask_ratio")
+  options = ", ".join(f"{k}={fields[k]!r}" for k in shown if k in fields)
+  return (f"{name!r} without a variant builds {_FAMILIES[name][0].__name__}"
+          f"(variant={variant!r}, {options})")
 
 
 def dummy_input(model, batch_size=1):

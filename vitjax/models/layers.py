@@ -198,3 +198,66 @@ class MAPHead(nn.Module):
                      activation=self.activation, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="MlpBlock_0")(y)
     return x[:, 0]
+
+
+def patch_stem_input(module, images, stem, *, pad=None, image_size=None):
+  """`images` checked for `module`'s patch embedding (the nn.Conv child named `stem`).
+
+  Every family's stem calls this, so a wrong input fails here with a message that
+  says what to change, instead of deep in a convolution or, worse, silently: a VALID
+  convolution crops an image that is not a whole number of patches. The checks read
+  static shapes only, so they cost nothing under jit.
+
+  Checks: NHWC images of rank 4 (an NCHW or unbatched image is named as such); the
+  channels of the stem's kernel (once there are parameters; before, `in_channels`);
+  at least one patch; and a whole number of patches unless `pad` (the module's
+  `dynamic_img_pad` by default), which zero-pads the bottom and right up to the next
+  multiple of the patch, as timm's PatchEmbed(dynamic_img_pad=True). `image_size`:
+  the one size the model takes (MAE's fixed position embeddings).
+  """
+  name = type(module).__name__
+  channels, patch = module.in_channels, module.patch_size
+  kernel = module.variables.get("params", {}).get(stem, {}).get("kernel")
+  built_for = f"in_channels={channels}"
+  if kernel is not None:  # Parameters fix the channels, whatever in_channels says.
+    channels = getattr(kernel, "value", kernel).shape[-2]
+    built_for = f"its patch embedding's kernel takes {channels}"
+  shape = tuple(images.shape)
+  if len(shape) == 3:
+    raise ValueError(f"{name} takes a batch of NHWC images; got one image of shape {shape}: "
+                     "add a batch dimension: x[None].")
+  if len(shape) != 4:
+    raise ValueError(f"{name} takes NHWC images (batch, height, width, channels); got shape "
+                     f"{shape} (rank {len(shape)}).")
+  if shape[-1] != channels and shape[1] == channels:
+    raise ValueError(f"{name} takes NHWC images; shape {shape} looks like NCHW (the {channels} "
+                     "channels are on axis 1): transpose with x.transpose(0, 2, 3, 1).")
+  if shape[-1] != channels:
+    raise ValueError(f"{name} was built for {channels}-channel images ({built_for}); got "
+                     f"{shape[-1]} channels in shape {shape}: convert the images (e.g. "
+                     f"vitjax.data.preprocess.to_channels) or build the model with "
+                     f"in_channels={shape[-1]}.")
+  height, width = shape[1:3]
+  if height < patch or width < patch:
+    raise ValueError(f"{name} needs images of at least one {patch}x{patch} patch; got "
+                     f"{height}x{width}: resize them (the model was made for "
+                     f"{module.image_size}x{module.image_size}).")
+  if image_size is not None and (height, width) != (image_size, image_size):
+    raise ValueError(f"{name} takes {image_size}x{image_size} images, got {height}x{width}: "
+                     "set image_size (and the input pipeline's image size) to match.")
+  pad = getattr(module, "dynamic_img_pad", False) if pad is None else pad
+  pad_h, pad_w = -height % patch, -width % patch
+  if (pad_h or pad_w) and not pad:
+    fix = f"resize or crop them to a multiple of {patch} (e.g. {height - height % patch}x" \
+          f"{width - width % patch})"
+    if hasattr(module, "dynamic_img_pad"):
+      fix += (f", or build the model with dynamic_img_pad=True to zero-pad them to "
+              f"{height + pad_h}x{width + pad_w} (timm's dynamic_img_pad)")
+    dropped = " and ".join(f"the last {n} {what}" for n, what in (
+        (height % patch, "rows"), (width % patch, "columns")) if n)
+    raise ValueError(f"{name}: {height}x{width} images are not a whole number of "
+                     f"{patch}x{patch} patches (the patch embedding would drop {dropped}): "
+                     f"{fix}.")
+  if pad_h or pad_w:
+    images = jnp.pad(images, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+  return images

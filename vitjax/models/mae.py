@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitjax.models.layers import patch_stem_input
 from vitjax.models.partitioning import logical
 from vitjax.models.vit import Encoder
 
@@ -177,13 +178,11 @@ class _MaskedImageModel(nn.Module):
     return self.image_size // self.patch_size
 
   def _check_images(self, images):
-    if images.shape[1:3] != (self.image_size, self.image_size):
-      raise ValueError(f"{type(self).__name__} takes {self.image_size}x{self.image_size} images, "
-                       f"got {images.shape[1]}x{images.shape[2]}: set image_size (and the "
-                       "input pipeline's image size) to match.")
     if self.image_size % self.patch_size:
       raise ValueError(f"image_size={self.image_size} is not a multiple of "
                        f"patch_size={self.patch_size}.")
+    # The fixed position embeddings and the mask grid take image_size images only.
+    return patch_stem_input(self, images, "embedding", image_size=self.image_size)
 
   def _embed_patches(self, images):
     """(B, N, width) patch embeddings, row by row."""
@@ -240,7 +239,7 @@ class MaskedAutoencoder(_MaskedImageModel):
 
   @nn.compact
   def __call__(self, images, train=False, noise=None):
-    self._check_images(images)
+    images = self._check_images(images)
     deterministic = not train
     out = {}
     batch = images.shape[0]
@@ -320,7 +319,7 @@ class SimMIM(_MaskedImageModel):
 
   @nn.compact
   def __call__(self, images, train=False, mask=None):
-    self._check_images(images)
+    images = self._check_images(images)
     if self.image_size % self.mask_patch_size or self.mask_patch_size % self.patch_size:
       raise ValueError(f"SimMIM needs image_size ({self.image_size}) divisible by "
                        f"mask_patch_size ({self.mask_patch_size}), and mask_patch_size "

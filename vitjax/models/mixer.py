@@ -10,7 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vitjax.models.layers import DropPath, MlpBlock, layer_norm
+from vitjax.models.layers import DropPath, MlpBlock, layer_norm, patch_stem_input
 from vitjax.models.partitioning import constrain, logical
 
 Dtype = Any
@@ -72,6 +72,7 @@ class MlpMixer(nn.Module):
   layer_norm_eps: float = 1e-6
   head_zeroinit: bool = True
   in_channels: int = 3
+  dynamic_img_pad: bool = False  # Zero-pad images to whole patches instead of an error (timm).
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -79,6 +80,7 @@ class MlpMixer(nn.Module):
   def __call__(self, images, train=False):
     deterministic = not train
     out = {}
+    images = patch_stem_input(self, images, "stem")
     x = nn.Conv(self.hidden_dim, (self.patch_size, self.patch_size), strides=self.patch_size,
                 padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
                 kernel_init=logical(nn.initializers.lecun_normal(), None, None, None, "embed"),

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitjax.models.attention import MultiHeadDotProductAttention
-from vitjax.models.layers import DropPath, MlpBlock, layer_norm
+from vitjax.models.layers import DropPath, MlpBlock, layer_norm, patch_stem_input
 from vitjax.models.partitioning import constrain, logical
 
 Dtype = Any
@@ -261,9 +261,9 @@ class SwinTransformer(nn.Module):
                        "need one entry per stage.")
     deterministic = not train
     out = {}
-    x = images.astype(self.dtype)
-    pad_h, pad_w = -x.shape[1] % self.patch_size, -x.shape[2] % self.patch_size
-    x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    # Any size of at least a patch: padded to whole patches here (as HF transformers does),
+    # to whole windows in each block and to even maps before patch merging.
+    x = patch_stem_input(self, images, "embedding", pad=True).astype(self.dtype)
     x = nn.Conv(self.embed_dim, (self.patch_size, self.patch_size), strides=self.patch_size,
                 padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
                 kernel_init=logical(nn.initializers.lecun_normal(), None, None, None, "embed"),

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from vitjax.models import posemb as posemb_lib
 from vitjax.models.attention import MultiHeadDotProductAttention
-from vitjax.models.layers import DropPath, LayerScale, MAPHead, MlpBlock, SwiGLU, norm_layer
+from vitjax.models.layers import (DropPath, LayerScale, MAPHead, MlpBlock, SwiGLU, norm_layer,
+                                  patch_stem_input)
 from vitjax.models.partitioning import constrain, logical
 
 Dtype = Any
@@ -254,8 +255,9 @@ def soft_mask_bias(length, weight):
 class VisionTransformer(nn.Module):
   """ViT (Dosovitskiy et al. 2021) with DeiT's distillation token as an option.
 
-  `__call__(images, train=False, step=None)` takes NHWC images and returns
-  `(logits, out)`; `step` (the training step) matters only to iLLaMA's soft mask.
+  `__call__(images, train=False, step=None)` takes NHWC images (checked by
+  layers.patch_stem_input) and returns `(logits, out)`; `step` (the training step)
+  matters only to iLLaMA's soft mask.
   `out` holds `stem` (patch embeddings), `encoded` (all final tokens, normed),
   `tokens` (the final patch tokens), `pre_logits`, `logits`, and for distilled
   models `logits_cls` and `logits_dist` (logits is their average). `encoder`
@@ -283,6 +285,9 @@ class VisionTransformer(nn.Module):
   gelu_approximate: bool = False
   layer_norm_eps: float = 1e-6
   in_channels: int = 3
+  # Images that are not a whole number of patches: an error (False), or zero-padded at the
+  # bottom and right to the next multiple of the patch (True), as timm's dynamic_img_pad.
+  dynamic_img_pad: bool = False
   attention_impl: Optional[str] = None  # See vitjax.ops.dot_product_attention.
   # Memory: recompute block activations in the backward pass ('none', 'full' or a
   # jax.checkpoint_policies name, see REMAT_POLICIES), and/or run the blocks under
@@ -364,6 +369,7 @@ class VisionTransformer(nn.Module):
     self._check()
     deterministic = not train
     out = {}
+    images = patch_stem_input(self, images, "embedding")
     x = nn.Conv(self.width, (self.patch_size, self.patch_size), strides=self.patch_size,
                 padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
                 kernel_init=logical(nn.initializers.lecun_normal(), None, None, None, "embed"),

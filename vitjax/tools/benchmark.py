@@ -175,6 +175,23 @@ def model_overrides(args, dtype):
   return overrides
 
 
+def check_model(args):
+  """Exits with status 2 and one line if create_model rejects `--model` or its options; notes
+  what a family name without `--variant` builds."""
+  from vitjax import models  # pylint: disable=import-outside-toplevel
+  overrides = model_overrides(args, None)
+  del overrides["dtype"]  # Decided by the device, later; it does not change the checks.
+  try:
+    models.create_model(args.model, **overrides)
+  except (models.UnknownModelError, TypeError, ValueError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2) from None
+  if args.model in models._FAMILIES and not args.variant:  # pylint: disable=protected-access
+    print(f"note: {models.describe_family_default(args.model, **overrides)}; pass --variant "
+          f"(e.g. --variant S/16) or a full name (python -m vitjax.tools.model_table "
+          f"'{args.model}_*' lists them)", file=sys.stderr, flush=True)
+
+
 # ---------------------------------------------------------------------------- PyTorch side
 
 
@@ -468,6 +485,7 @@ def main(argv=None):
   if compare != "none":
     # JAX would otherwise take 75% of the GPU's memory up front, leaving PyTorch too little.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  check_model(args)  # Before any device work: a wrong name fails in seconds.
 
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel

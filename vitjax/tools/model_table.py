@@ -12,6 +12,7 @@ analysis of the compiled program, whose FLOPs also include the element-wise work
 
 import argparse
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -66,10 +67,28 @@ def model_row(name, resolution=None, macs=True):
   return row
 
 
-def model_rows(pattern="*", resolution=None, macs=True):
+def model_names(pattern="*"):
+  """Registered names matching `pattern`, less the families (a family needs a variant; its
+  members are listed)."""
   families = models._FAMILIES  # pylint: disable=protected-access
-  return [model_row(name, resolution, macs) for name in models.list_models(pattern)
-          if name not in families]  # A family needs a variant; its members are listed.
+  return [name for name in models.list_models(pattern) if name not in families]
+
+
+def model_rows(pattern="*", resolution=None, macs=True):
+  return [model_row(name, resolution, macs) for name in model_names(pattern)]
+
+
+def no_match_message(pattern):
+  """Why `pattern` lists nothing, and what to type instead."""
+  families = [name for name in models.list_models(pattern) if name not in model_names()]
+  if families:
+    return (f"error: {', '.join(map(repr, families))} only names a family, which needs a "
+            f"variant; its models: {' '.join(repr(f + '_*') for f in families)}")
+  close = [name for name in models.closest_models(pattern, n=8) if name in model_names()][:5]
+  if close:
+    return f"error: no registered model matches {pattern!r}; closest: {', '.join(close)}"
+  return (f"error: no registered model matches {pattern!r}; none is close; try one of "
+          f"{', '.join(map(repr, models.name_patterns()))}")
 
 
 def main(argv=None):
@@ -79,6 +98,9 @@ def main(argv=None):
   parser.add_argument("--markdown", action="store_true", help="a Markdown table")
   parser.add_argument("--no_macs", action="store_true", help="parameters only (instant)")
   args = parser.parse_args(argv)
+  if not model_names(args.pattern):  # An empty table would read as success.
+    print(no_match_message(args.pattern), file=sys.stderr)
+    raise SystemExit(2)
   rows = model_rows(args.pattern, args.resolution, macs=not args.no_macs)
   macs = not args.no_macs
   if args.markdown:

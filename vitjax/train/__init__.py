@@ -1,5 +1,13 @@
 """The trainer: `python -m vitjax.train --config configs/X.py --workdir DIR`."""
 
-from vitjax.train.trainer import TrainingDivergedError, build_model, train
+import importlib
 
-__all__ = ["TrainingDivergedError", "build_model", "train"]
+_EXPORTS = ("TrainingDivergedError", "TrainingInterrupted", "build_model", "train")
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+  # Imported on first use, so that the command line starts without JAX (see vitjax/__init__).
+  if name in _EXPORTS:
+    return getattr(importlib.import_module("vitjax.train.trainer"), name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,13 +17,17 @@ Faults:
     so the previous one stays valid.
 """
 
+import contextlib
 import logging
 import os
-import shutil
+import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from vitjax.convert import checkpoint as convert_checkpoint
 
 # The input-pipeline state keys that must match for a resumed run to see the
 # examples an uninterrupted run would have seen.
@@ -32,6 +36,11 @@ DATA_STATE_KEYS = ("dataset", "train_split", "num_train", "batch_size", "seed")
 
 class CheckpointError(RuntimeError):
   """No checkpoint in the directory can be restored."""
+
+
+# The workdir's arrays have other names or shapes than the model's: the error
+# `load_weights` raises for a checkpoint that does not fit, so one except catches both.
+CheckpointMismatchError = convert_checkpoint.CheckpointMismatchError
 
 
 class CheckpointWriteError(RuntimeError):
@@ -47,8 +56,9 @@ class Checkpointer:
 
   def __init__(self, workdir, keep=2, read_only=False):
     """`read_only` for reading a run's checkpoints while it may still be writing them."""
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    self.unreadable_directory = os.path.abspath(os.path.join(workdir, "checkpoints_unreadable"))
+    workdir = epath.Path(workdir)
+    self.directory = _absolute(workdir / "checkpoints")
+    self.unreadable_directory = _absolute(workdir / "checkpoints_unreadable")
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -71,15 +81,28 @@ class Checkpointer:
       items["data"] = ocp.args.JsonSave(data_state)
     self._writing_step = step
     try:
-      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+      with quiet_orbax():
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(e) from e
+
+  def check(self):
+    """Raises `CheckpointWriteError` if a save failed in the background; never waits.
+
+    Called every log window, so a failed write stops the run within seconds, not at
+    the next checkpoint.
+    """
+    try:
+      self._manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
       raise self._write_error(e) from e
 
   def wait(self):
     """Waits for the save in flight; raises `CheckpointWriteError` if it failed."""
     try:
-      self._manager.wait_until_finished()
-      self._manager.check_for_errors()
+      with quiet_orbax():
+        self._manager.wait_until_finished()
+        self._manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
       raise self._write_error(e) from e
     finally:
@@ -99,60 +122,151 @@ class Checkpointer:
 
   def _complete_steps(self):
     """Steps whose directories are complete (orbax renames a save in when it is done)."""
-    if not os.path.isdir(self.directory):
+    if not self.directory.is_dir():
       return []
-    return sorted(int(name) for name in os.listdir(self.directory) if name.isdigit())
+    return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
 
   def latest_step(self):
     return self._manager.latest_step()
+
+  def all_steps(self):
+    return sorted(self._manager.all_steps())
 
   def restore(self, abstract_state):
     """Restores the newest readable checkpoint: (step, state, data_state), or Nones.
 
     `abstract_state` is a pytree of `jax.ShapeDtypeStruct` (with shardings)
     describing the state to restore into. `data_state` is None for a checkpoint
-    written without one.
+    written without one. A checkpoint whose arrays have other names or shapes than
+    `abstract_state` raises `CheckpointMismatchError` listing them; unreadable ones
+    are skipped (one warning each) and moved to `checkpoints_unreadable/`.
+
+    In a multi-host run, process 0 decides which checkpoint is readable and every
+    host restores that one (`_agreed_step`).
     """
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       return None, None, None
-    failures = []
+    if jax.process_count() > 1:
+      step = self._agreed_step(steps)
+      self._check_fits(step, abstract_state)
+      return step, *self._restore_step(step, abstract_state)
+    failures = {}
     for step in steps:
       try:
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if os.path.isdir(os.path.join(self.path(step), "data")):
-          items["data"] = ocp.args.JsonRestore()
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        # Every stored value read and waited for first: orbax, at its first failing
+        # read, closes its event loop under the reads in flight, and each of those
+        # prints an 'Event loop is closed' traceback.
+        read_all_arrays(self.directory, step)
       except Exception as e:  # pylint: disable=broad-except
-        failures.append(f"step {step}: {type(e).__name__}: {_first_line(e)}")
-        logging.warning("Checkpoint at step %d in %s cannot be restored (%s); "
-                        "trying the previous one.", step, self.directory, _first_line(e))
-        print(f"WARNING: checkpoint at step {step} ({self.path(step)}) cannot be restored "
-              f"({type(e).__name__}); falling back to the previous one.", flush=True)
+        failures[step] = self._describe(step, e)
         continue
-      if failures:
-        self._set_aside_newer_than(step)
-      return step, restored["state"], restored.get("data")
-    raise CheckpointError(
-        f"None of the checkpoints in {self.directory} can be restored:\n  "
-        + "\n  ".join(failures)
+      self._check_fits(step, abstract_state)
+      try:
+        state, data = self._restore_step(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except
+        failures[step] = self._describe(step, e)
+        continue
+      self._set_aside(failures, step)
+      return step, state, data
+    raise self._none_readable(failures)
+
+  def _restore_step(self, step, abstract_state):
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if (self.path(step) / "data").is_dir():
+      items["data"] = ocp.args.JsonRestore()
+    with quiet_orbax():
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"], restored.get("data")
+
+  def _describe(self, step, error):
+    """'file: reason' of a checkpoint that cannot be read."""
+    return _describe_read_error(error, os.fspath(self.path(step) / "state"))
+
+  def _none_readable(self, failures):
+    return CheckpointError(
+        f"None of the checkpoints in {self.directory} can be read:\n  "
+        + "\n  ".join(f"step {step}: {why}" for step, why in failures.items())
         + "\nMove the directory away to start from scratch, or point --workdir elsewhere.")
 
-  def _set_aside_newer_than(self, step):
-    """Moves unreadable checkpoints newer than `step` out of the way of new saves."""
+  def _agreed_step(self, steps):
+    """Multi-host: process 0 reads each checkpoint alone and broadcasts the first readable.
+
+    Every host then restores that step, so no host resumes from another step than the
+    others; the unreadable ones are moved aside once, by process 0, between barriers.
+    """
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    chosen, failures = -1, {}
+    if jax.process_index() == 0:
+      for step in steps:
+        try:
+          read_all_arrays(self.directory, step)
+        except Exception as e:  # pylint: disable=broad-except
+          failures[step] = self._describe(step, e)
+          continue
+        chosen = step
+        break
+    chosen = int(multihost_utils.broadcast_one_to_all(np.int32(chosen)))
+    if chosen < 0:
+      raise self._none_readable(failures or {s: "unreadable (process 0)" for s in steps})
+    if chosen != steps[0]:
+      multihost_utils.sync_global_devices("vitjax: checkpoint chosen")
+      self._set_aside(failures, chosen)
+      multihost_utils.sync_global_devices("vitjax: unreadable checkpoints set aside")
+    return chosen
+
+  def _check_fits(self, step, abstract_state):
+    """Raises `CheckpointMismatchError` if the checkpoint's arrays do not fit the state.
+
+    Compared from the checkpoint's metadata, before anything is read: a run resumed
+    with another model gets the list of names and shapes, not orbax's internals.
+    """
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      with quiet_orbax():
+        tree = handler.metadata(self.path(step) / "state")
+    except Exception:  # pylint: disable=broad-except
+      return  # Unreadable metadata: the restore below reports it and falls back.
+    finally:
+      handler.close()
+    tree = getattr(tree, "tree", tree)
+    if not isinstance(tree, dict) or "params" not in tree:
+      return
+    from vitjax.convert import mismatch  # pylint: disable=g-import-not-at-top
+    saved = _flat_shapes(tree["params"])
+    wanted = _flat_shapes(abstract_state["params"])
+    message = mismatch.mismatch_message(
+        {k: np.empty(v, np.uint8) for k, v in saved.items()},
+        {k: jax.ShapeDtypeStruct(v, np.float32) for k, v in wanted.items()},
+        f"The checkpoint of step {step} in {self.directory}",
+        lambda *_: [f"The workdir holds another model's run: use another --workdir, or "
+                    f"start a new run from its weights with --workdir NEW "
+                    f"--config.init={self.directory.parent}."])
+    if message:
+      raise CheckpointMismatchError(message)
+
+  def _set_aside(self, failures, step):
+    """Moves the unreadable checkpoints newer than `step` out of the way of new saves.
+
+    Process 0 moves them (one warning line each); the others only reload the list.
+    """
+    if not failures:
+      return
     if jax.process_index() == 0:
       for newer in sorted(s for s in self._manager.all_steps() if s > step):
-        target = os.path.join(self.unreadable_directory, str(newer))
-        os.makedirs(self.unreadable_directory, exist_ok=True)
-        if os.path.exists(target):
-          target += f".{len(os.listdir(self.unreadable_directory))}"
-        shutil.move(self.path(newer), target)
-        print(f"WARNING: moved the unreadable checkpoint of step {newer} to {target}.",
-              flush=True)
+        self.unreadable_directory.mkdir(parents=True, exist_ok=True)
+        target = self.unreadable_directory / str(newer)
+        if target.exists():
+          target = self.unreadable_directory / (
+              f"{newer}.{len(list(self.unreadable_directory.iterdir()))}")
+        self.path(newer).rename(target)
+        print(f"WARNING: the checkpoint of step {newer} cannot be read "
+              f"({failures.get(newer, 'unreadable')}); moved it to {target} and resumed from "
+              f"step {step}.", file=sys.stderr, flush=True)
     self._manager.reload()
 
   def path(self, step):
-    return os.path.join(self.directory, str(step))
+    return self.directory / str(step)
 
   def close(self):
     """Waits for the last save (raising `CheckpointWriteError` if it failed), then closes."""
@@ -160,7 +274,56 @@ class Checkpointer:
       if not self._write_failed:  # A failure is reported once, where it was found.
         self.wait()
     finally:
-      self._manager.close()
+      if not self._write_failed:
+        # After a failed write orbax's background threads may wait minutes on the
+        # directory that was never made; closing would wait with them.
+        self._manager.close()
+
+
+@contextlib.contextmanager
+def quiet_orbax():
+  """Silences orbax's own error logs (tracebacks of its threads) inside the block.
+
+  vitjax catches what orbax raises and reports it in one line; `--verbose` (or
+  VITJAX_VERBOSE=1) keeps orbax's logs.
+  """
+  if os.environ.get("VITJAX_VERBOSE", "") not in ("", "0"):
+    yield
+    return
+  loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+  levels = [logger.level for logger in loggers]
+  for logger in loggers:
+    logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    for logger, level in zip(loggers, levels):
+      logger.setLevel(level)
+
+
+def _absolute(path):
+  """`path` made absolute; a `gs://...` path is left as it is (not `os.path.abspath`)."""
+  return path if "://" in os.fspath(path) else epath.Path(os.path.abspath(os.fspath(path)))
+
+
+def _flat_shapes(tree):
+  """{'a/b/c': shape} of a pytree of arrays or array metadata."""
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    flat[name] = tuple(getattr(leaf, "shape", np.shape(leaf)))
+  return flat
+
+
+def read_all_arrays(directory, step):
+  """Reads every stored value of the checkpoint `directory/step`; raises if one fails.
+
+  The readability check of a multi-host restore: process 0 runs it alone.
+  """
+  state = epath.Path(directory) / str(step) / "state"
+  if "://" in os.fspath(state):
+    return  # An object store: orbax's own read reports what fails.
+  _check_readable(os.fspath(state), prefixes=None)
 
 
 def check_data_state(saved, current, directory):
@@ -185,40 +348,10 @@ def load_params(workdir, step=None):
   """The model parameters of a training checkpoint (the latest unless `step`), as numpy.
 
   Only the parameters are read (not the optimizer state), onto the host, whatever
-  mesh wrote them.
+  mesh wrote them. A latest checkpoint that cannot be read is skipped with a
+  warning: see `load_params_and_step`.
   """
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  if not os.path.isdir(directory):
-    raise CheckpointError(f"No checkpoint in {directory}.")
-  manager = ocp.CheckpointManager(
-      directory, item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                                "data": ocp.JsonCheckpointHandler()},
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-  try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f"No checkpoint in {directory}.")
-    if step not in manager.all_steps():
-      raise CheckpointError(f"No checkpoint of step {step} in {directory}; it holds steps "
-                            f"{sorted(manager.all_steps())}.")
-    if not os.path.isdir(os.path.join(directory, str(step), "state")):
-      raise CheckpointError(
-          f"The checkpoint {os.path.join(directory, str(step))} has no 'state' item: it was "
-          f"written by vitjax before 2026-11-22 (one unnamed item) or by another program. "
-          f"Export weights with the version that wrote it (vitjax.save_weights), or retrain.")
-    tree = manager.item_metadata(step)["state"]
-    tree = getattr(tree, "tree", tree)
-    if not isinstance(tree, dict) or "params" not in tree:
-      raise CheckpointError(f"The checkpoint of step {step} in {directory} holds no "
-                            f"'params' (found {sorted(tree) if isinstance(tree, dict) else tree}).")
-    as_numpy = lambda _: ocp.RestoreArgs(restore_type=np.ndarray)
-    restore_args = jax.tree_util.tree_map(as_numpy, tree["params"])
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={"params": tree["params"]}, restore_args={"params": restore_args},
-        partial_restore=True)))["state"]
-  finally:
-    manager.close()
-  return state["params"]
+  return load_params_and_step(workdir, step)[1]
 
 
 def abstract_like(tree):
@@ -228,6 +361,138 @@ def abstract_like(tree):
       tree)
 
 
-def _first_line(error):
+def _first_line(error, limit=200):
   text = str(error).strip().splitlines()
-  return text[0][:200] if text else ""
+  return text[0][:limit] if text else ""
+
+
+class _Unreadable(Exception):
+  """A checkpoint that cannot be read; str() is 'where: why'."""
+
+
+def load_params_and_step(workdir, step=None):
+  """(step, params) of the latest readable checkpoint of `workdir`, or of `step`.
+
+  It only reads, since the run may still be writing: an unreadable latest
+  checkpoint is skipped with one warning line naming it, the file and the step
+  loaded instead, and nothing is moved (a resuming trainer moves it aside).
+  Raises `CheckpointError` naming each step and file tried when none can be read,
+  or when the `step` asked for cannot.
+  """
+  directory = os.path.abspath(os.path.join(os.path.expanduser(os.fspath(workdir)),
+                                           "checkpoints"))
+  # Orbax writes a step under a temporary name and renames it when complete.
+  steps = sorted(int(name) for name in os.listdir(directory)
+                 if name.isdigit()) if os.path.isdir(directory) else []
+  if not steps:
+    raise CheckpointError(f"No checkpoint in {directory}.")
+  if step is not None:
+    if step not in steps:
+      raise CheckpointError(f"No checkpoint of step {step} in {directory}; it holds steps "
+                            f"{steps}.")
+    try:
+      return step, _read_params(os.path.join(directory, str(step)))
+    except _Unreadable as e:
+      raise CheckpointError(f"The checkpoint of step {step} cannot be read: {e}.") from None
+  failures = []
+  for candidate in reversed(steps):
+    try:
+      params = _read_params(os.path.join(directory, str(candidate)))
+    except _Unreadable as e:
+      failures.append(f"step {candidate}: {e}")
+      continue
+    if failures:
+      print(f"WARNING: skipped the unreadable checkpoint{'s' if len(failures) > 1 else ''} "
+            f"of {'; '.join(failures)}; loaded step {candidate} instead, leaving the files "
+            "as they are.", flush=True)
+    return candidate, params
+  raise CheckpointError(f"None of the checkpoints in {directory} can be read:\n  "
+                        + "\n  ".join(failures))
+
+
+def _read_params(step_directory):
+  """The parameters of one checkpoint, as numpy; raises `_Unreadable`."""
+  state_directory = os.path.join(step_directory, "state")
+  if not os.path.isdir(state_directory):
+    raise _Unreadable(
+        f"{step_directory}: no 'state' item (written by vitjax before 2026-11-22, or by "
+        "another program: export its weights with the version that wrote it)")
+  try:
+    _check_readable(state_directory)
+    # The handler alone, not a CheckpointManager: a read-only manager logs warnings
+    # ('Given directory is read only') on every load.
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      tree = handler.metadata(epath.Path(state_directory))
+      tree = getattr(tree, "tree", tree)
+      if not isinstance(tree, dict) or "params" not in tree:
+        found = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
+        raise _Unreadable(f"{state_directory}: holds no 'params' (found {found})")
+      as_numpy = lambda _: ocp.RestoreArgs(restore_type=np.ndarray)
+      state = handler.restore(epath.Path(state_directory), args=ocp.args.PyTreeRestore(
+          item={"params": tree["params"]},
+          restore_args={"params": jax.tree_util.tree_map(as_numpy, tree["params"])},
+          partial_restore=True))
+    finally:
+      handler.close()
+  except _Unreadable:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise _Unreadable(_describe_read_error(e, state_directory)) from e
+  return state["params"]
+
+
+# Zarr's per-array metadata: read for every array (optimizer state included) by orbax.
+_ARRAY_METADATA = (b".zarray", b".zattrs", b".zgroup", b"zarr.json")
+
+
+def _check_readable(state_directory, prefixes=(b"params.",)):
+  """Reads, with tensorstore directly, the stored arrays named `prefixes...` (None: all).
+
+  Also the per-array metadata of all arrays, which orbax reads for any restore.
+  Orbax reads asynchronously and, at the first failing read, closes its event loop
+  under the reads still in flight, which then print 'Event loop is closed'
+  tracebacks. Here each read is waited for, so a damaged file is one exception.
+  Costs a second read of those arrays, mostly from the page cache.
+  """
+  manifest = os.path.join(state_directory, "manifest.ocdbt")
+  if not os.path.exists(manifest):
+    if os.path.isdir(os.path.join(state_directory, "d")):  # The data without its index.
+      raise _Unreadable(f"{manifest}: missing")
+    return  # Not the one-database layout: left to orbax.
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top  (orbax's own dependency)
+  store = ts.KvStore.open({"driver": "ocdbt",
+                           "base": "file://" + os.path.abspath(state_directory) + "/"}).result()
+  wanted = lambda key: prefixes is None or key.startswith(tuple(prefixes))
+  keys = [key for key in store.list().result()
+          if wanted(key) or key.rsplit(b"/", 1)[-1] in _ARRAY_METADATA]
+  if prefixes is not None and not any(wanted(key) for key in keys):
+    names = ", ".join(repr(prefix.decode().rstrip(".")) for prefix in prefixes)
+    raise _Unreadable(f"{state_directory}: holds no {names} arrays")
+  reads = [store.read(key) for key in keys]
+  errors = []
+  for read in reads:
+    try:
+      read.result()
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+  if errors:
+    raise errors[0]
+
+
+def _describe_read_error(error, state_directory):
+  """'file: reason' from a tensorstore error (which names the file), else 'directory: error'."""
+  text = str(error)
+  if isinstance(error, _Unreadable):  # Described already.
+    return text
+  marker = 'local file "'
+  start = text.rfind(marker)
+  if start >= 0:
+    path, _, reason = text[start + len(marker):].partition('"')
+    reason = reason.lstrip(": ").split(" [tensorstore_spec=")[0].strip()
+    if not os.path.exists(path):
+      reason = "missing"
+    if path.rstrip("/") != os.path.abspath(state_directory).rstrip("/"):
+      return f"{path}: {reason or text.split(':')[0]}"
+  return (f"{state_directory}: {type(error).__name__}: "
+          f"{_first_line(error).split(' [tensorstore_spec=')[0]}")

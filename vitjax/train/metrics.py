@@ -2,8 +2,9 @@
 
 import json
 import math
-import os
 import sys
+
+from etils import epath
 
 
 class MetricsWriter:
@@ -11,28 +12,33 @@ class MetricsWriter:
 
   def __init__(self, workdir, enabled=True):
     self.enabled = enabled
-    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-    self.plot_path = os.path.join(workdir, "metrics.png")
+    workdir = epath.Path(workdir)
+    self.jsonl_path = workdir / "metrics.jsonl"
+    self.plot_path = workdir / "metrics.png"
     self._tensorboard = None
     if enabled:
-      self._tensorboard = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
+      self._tensorboard = _summary_writer_class()(str(workdir / "tensorboard"))
 
   def truncate_after(self, step):
     """On resume, drops rows a previous run wrote after its last checkpoint."""
-    if not self.enabled or not os.path.exists(self.jsonl_path):
+    if not self.enabled or not self.jsonl_path.exists():
       return
     rows = read_metrics(self.jsonl_path)
-    with open(self.jsonl_path, "w") as f:
-      for row in rows:
-        if row["step"] <= step:
-          f.write(json.dumps(row) + "\n")
+    self.jsonl_path.write_text("".join(json.dumps(row) + "\n" for row in rows
+                                       if row["step"] <= step))
 
   def write(self, step, metrics):
     if not self.enabled:
       return
     row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    with open(self.jsonl_path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    line = json.dumps(row) + "\n"
+    if "://" in str(self.jsonl_path):
+      # Object stores cannot append: the file is written whole (runs log few rows).
+      previous = self.jsonl_path.read_text() if self.jsonl_path.exists() else ""
+      self.jsonl_path.write_text(previous + line)
+    else:
+      with self.jsonl_path.open("a") as f:
+        f.write(line)
     for name, value in metrics.items():
       self._tensorboard.add_scalar(name, float(value), int(step))
 
@@ -59,8 +65,7 @@ def _summary_writer_class():
 
 def read_metrics(path):
   """The rows of a metrics.jsonl; a last line cut short by a killed run is dropped."""
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
+  lines = [line for line in epath.Path(path).read_text().splitlines() if line.strip()]
   rows = []
   for i, line in enumerate(lines):
     try:
@@ -100,6 +105,7 @@ def plot_metrics(jsonl_path, png_path):
   for ax in list(axes.flat)[len(names):]:
     ax.axis("off")
   fig.tight_layout()
-  fig.savefig(png_path, dpi=100)
+  with epath.Path(png_path).open("wb") as f:
+    fig.savefig(f, dpi=100, format="png")
   plt.close(fig)
   return png_path

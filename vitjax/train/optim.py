@@ -6,6 +6,12 @@ import jax
 import numpy as np
 import optax
 
+from vitjax import config as config_lib
+
+# The names config.optimizer.name and config.optimizer.schedule take (validation reads them too).
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "linear", "constant")
+
 # Parameters that get no weight decay: norms, biases, embeddings and tokens.
 NO_DECAY_PATTERNS = (r"(^|/)bias$", r"LayerNorm|_norm|/norm", r"(^|/)scale$",
                      r"pos_embedding$", r"(^|/)cls$", r"(^|/)dist$", r"probe$")
@@ -35,7 +41,8 @@ def make_schedule(config):
   elif opt.schedule == "constant":
     decay = optax.constant_schedule(peak)
   else:
-    raise ValueError(f"Unknown schedule {opt.schedule!r}; use 'cosine', 'linear' or 'constant'.")
+    raise config_lib.ConfigError(f"Unknown schedule config.optimizer.schedule={opt.schedule!r}; "
+                                 f"use one of {', '.join(map(repr, SCHEDULES))}.")
   if not warmup:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
@@ -52,7 +59,7 @@ def _check_matches(params, patterns, key):
   names = [path_str(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
   for pattern in patterns:
     if not any(re.search(pattern, name) for name in names):
-      raise ValueError(
+      raise config_lib.ConfigError(
           f"config.optimizer.{key} pattern {pattern!r} matches no parameter. Patterns are "
           f"regular expressions searched in names like {names[0]!r} or {names[-1]!r}.")
 
@@ -96,8 +103,10 @@ def layer_decay_multipliers(params, decay):
              if re.match(r"^Transformer/encoderblock/", path_str(path))]
   depth = max(blocks) + 1 if blocks else (stacked[0] if stacked else 0)
   if not depth:
-    raise ValueError("config.optimizer.layer_decay needs a ViT-style encoder "
-                     "('Transformer/encoderblock_0/...'); these parameters have no blocks.")
+    raise config_lib.ConfigError(
+        f"config.optimizer.layer_decay={decay!r} needs a ViT-style encoder "
+        "('Transformer/encoderblock_0/...'); these parameters have no blocks. Set "
+        "config.optimizer.layer_decay=None.")
 
   def factor(path, x):
     name = path_str(path)
@@ -142,7 +151,8 @@ def make_optimizer(config, params):
     tx = optax.chain(optax.add_decayed_weights(opt.weight_decay, mask),
                      optax.sgd(schedule, momentum=opt.momentum or None))
   else:
-    raise ValueError(f"Unknown optimizer {opt.name!r}; use 'adamw' or 'sgd'.")
+    raise config_lib.ConfigError(f"Unknown optimizer {opt.name!r} (config.optimizer.name); use "
+                                 f"one of {', '.join(map(repr, OPTIMIZERS))}.")
   factors = None
   if opt.get("lr_multipliers"):
     factors = lr_multipliers(params, opt.lr_multipliers)
@@ -157,8 +167,9 @@ def make_optimizer(config, params):
   if opt.get("freeze"):
     frozen = frozen_mask(params, opt.freeze)
     if all(jax.tree_util.tree_leaves(frozen)):
-      raise ValueError(f"config.optimizer.freeze={opt.freeze!r} freezes every parameter; "
-                       f"nothing would be trained.")
+      raise config_lib.ConfigError(
+          f"config.optimizer.freeze={opt.freeze!r} freezes every parameter; nothing would "
+          f"be trained. Narrow the pattern(s), e.g. '^Transformer/' keeps the head trained.")
     labels = jax.tree_util.tree_map(lambda f: "frozen" if f else "trained", frozen)
     # Frozen gradients neither count in the clipping norm nor get optimizer state.
     tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)

@@ -8,6 +8,7 @@ Tasks (`vitjax.train.tasks`) supply the model, data, loss and evaluators; the lo
 sharding, checkpointing and logging are shared by all of them.
 """
 
+import contextlib
 import functools
 import json
 import math
@@ -25,12 +26,19 @@ from vitjax import xla_options
 from vitjax.train import checkpoints as checkpoints_lib
 from vitjax.train import metrics as metrics_lib
 from vitjax.train import optim
+from vitjax.train import resume as resume_lib
 from vitjax.train import sharding as sharding_lib
 from vitjax.train import tasks
+from vitjax.train import validation
+from vitjax.train import workdir as workdir_lib
 
 
 class TrainingDivergedError(RuntimeError):
   """The loss became NaN or infinite; the message names the step."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+  """Ctrl-C during training; the message names the step and the last checkpoint."""
 
 
 def build_model(config):
@@ -107,6 +115,7 @@ def train(config, workdir, *, progress=True):
 
   Returns a dict with the final evaluation metrics and the paths written.
   """
+  validation.validate(config, workdir)
   task = tasks.make_task(config)
   model = task.build_model()  # Unknown models fail here, before anything is written.
   evaluators = task.evaluators()
@@ -117,23 +126,36 @@ def train(config, workdir, *, progress=True):
   if num_classes and num_classes < getattr(dataset, "num_classes", 0):
     raise ValueError(f"config.model.num_classes={config.model.num_classes} but dataset "
                      f"{config.dataset!r} has {dataset.num_classes} classes.")
-  accum = config.get("grad_accum_steps", 1)
   mesh = sharding_lib.make_mesh(config.get("mesh") or {"data": -1})
   rules = sharding_lib.logical_rules(config)
-  split = sharding_lib.batch_devices(mesh)
-  if config.batch_size % (accum * split):
-    raise ValueError(
-        f"config.batch_size={config.batch_size} must be divisible by grad_accum_steps="
-        f"{accum} x the {split} devices the batch is split over (mesh {dict(mesh.shape)}).")
-  if config.get("eval_batch_size", config.batch_size) % split:
-    raise ValueError(f"config.eval_batch_size={config.eval_batch_size} must be divisible by "
-                     f"the {split} devices the batch is split over (mesh {dict(mesh.shape)}).")
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-
-  with sharding_lib.mesh_context(mesh, rules):
+  workdir = workdir_lib.as_path(workdir)
+  with _workdir_lock(workdir, is_main), sharding_lib.mesh_context(mesh, rules):
     return _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progress,
                        is_main)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir, is_main):
+  """Process 0 holds the workdir's lock for every host; all hosts stop if it is taken."""
+  error = lock_path = None
+  if is_main:
+    try:
+      lock_path = workdir_lib.acquire(workdir)
+    except workdir_lib.WorkdirLockedError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))):
+      error = error or workdir_lib.WorkdirLockedError(
+          f"Process 0 could not take the lock of the workdir {workdir}: another run holds it.")
+  if error is not None:
+    raise error
+  try:
+    yield
+  finally:
+    if lock_path is not None:
+      workdir_lib.release(lock_path)
 
 
 def _init_state(config, model, mesh, rng):
@@ -188,18 +210,18 @@ def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progres
 
   checkpointer = checkpoints_lib.Checkpointer(workdir, keep=config.get("keep_checkpoints", 2))
   try:
-    start_step, restored, saved_data_state = checkpointer.restore(
-        checkpoints_lib.abstract_like(state))
-    if restored is not None:
-      checkpoints_lib.check_data_state(saved_data_state,
-                                       data_state(config, dataset, start_step),
-                                       checkpointer.path(start_step))
+    start_step, restored, changed = _restore(config, workdir, dataset, checkpointer, state)
   except Exception:
     checkpointer.close()
     raise
+  if restored is not None and start_step >= config.total_steps:
+    checkpointer.close()
+    return _completed(config, workdir, start_step)
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    if restored is not None and changed:
+      _note_changes(config, workdir, start_step, changed, schedule)
+    (workdir / resume_lib.CONFIG_NAME).write_text(
+        config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
   # Rows a previous run logged after its last checkpoint (all of them, if it had none).
   writer.truncate_after(start_step or 0)
@@ -241,6 +263,7 @@ def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progres
   window_start = time.perf_counter()
   data_wait = 0.0  # Seconds of the log window spent blocked on the input pipeline.
   saved_step = start_step if restored is not None else None
+  step = start_step
   try:
     for step in range(start_step + 1, total_steps + 1):
       wait_start = time.perf_counter()
@@ -264,12 +287,18 @@ def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progres
         bar.set_postfix(**_loss_postfix(summary), **_headline(last_eval))
         bar.update(len(pending))
         pending, window_start, data_wait = [], time.perf_counter(), 0.0
+        checkpointer.check()  # A save that failed in the background stops the run now.
       if do_eval:
         last_eval = evaluate(step)
         bar.set_postfix(**_loss_postfix(summary), **_headline(last_eval))
       if do_save:
         checkpointer.save(step, state, data_state(config, dataset, step))
         saved_step = step
+  except KeyboardInterrupt:
+    raise TrainingInterrupted(
+        f"Interrupted at step {step}; the last checkpoint is "
+        f"{'step ' + str(saved_step) if saved_step is not None else 'none (no step was saved)'}"
+        f". Rerun the same command to resume.") from None
   finally:
     bar.close()
     try:
@@ -277,15 +306,77 @@ def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progres
     finally:
       writer.close()
 
-  if not last_eval:  # Resumed at the end: nothing was trained, evaluate what was restored.
-    last_eval = evaluate(total_steps)
   plot_path = None
   if is_main:
     plot_path = metrics_lib.plot_metrics(writer.jsonl_path, writer.plot_path)
-  return {**last_eval, "step": total_steps,
-          "checkpoint": checkpointer.path(saved_step) if saved_step is not None else None,
-          "metrics": writer.jsonl_path, "plot": plot_path,
-          "tensorboard": os.path.join(workdir, "tensorboard")}
+  return _result(last_eval, total_steps, workdir,
+                 checkpointer.path(saved_step) if saved_step is not None else None, plot_path)
+
+
+def _result(metrics, step, workdir, checkpoint, plot):
+  """What `train` returns: the final metrics, and the paths written, as strings."""
+  paths = {"checkpoint": checkpoint, "metrics": workdir / "metrics.jsonl", "plot": plot,
+           "tensorboard": workdir / "tensorboard"}
+  return {**metrics, "step": step,
+          **{k: None if v is None else os.fspath(v) for k, v in paths.items()}}
+
+
+def _restore(config, workdir, dataset, checkpointer, state):
+  """(step, state, changed config keys) of the workdir's latest readable checkpoint.
+
+  Before reading it, the config is compared with the workdir's config.json: another
+  model or input size is a `ResumeConfigError`; another input stream a
+  `DataStateMismatchError`. (None, None, {}) when there is no checkpoint.
+  """
+  if checkpointer.latest_step() is None:
+    return None, None, {}
+  saved = resume_lib.read_saved_config(workdir)
+  changed = resume_lib.changes(saved, config) if saved is not None else {}
+  resume_lib.check_same_state(changed, workdir, checkpointer.latest_step())
+  step, restored, saved_data_state = checkpointer.restore(checkpoints_lib.abstract_like(state))
+  if restored is None:
+    return None, None, {}
+  checkpoints_lib.check_data_state(saved_data_state, data_state(config, dataset, step),
+                                   checkpointer.path(step))
+  if step > config.total_steps:
+    raise resume_lib.ResumeConfigError(
+        f"The workdir {workdir} holds a checkpoint of step {step}, past config.total_steps="
+        f"{config.total_steps}: there is nothing to train. Set --config.total_steps={step} "
+        f"(or more), or use another --workdir.")
+  return step, restored, changed
+
+
+def _note_changes(config, workdir, step, changed, schedule):
+  """Prints and records the config keys changed since the run that wrote the workdir."""
+  learning_rate = None
+  lines = [f"  {k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()]
+  if resume_lib.schedule_changed(changed):
+    try:
+      old_schedule = optim.make_schedule(resume_lib.as_config(
+          resume_lib.read_saved_config(workdir)))
+      learning_rate = (float(old_schedule(step)), float(schedule(step)))
+    except Exception:  # pylint: disable=broad-except  (a config.json of an older vitjax)
+      learning_rate = (None, float(schedule(step)))
+    before = "unknown" if learning_rate[0] is None else f"{learning_rate[0]:.4g}"
+    lines.append(f"  The learning-rate schedule moved: at step {step} the rate was {before}, "
+                 f"it is now {learning_rate[1]:.4g}.")
+  print(f"NOTE: resuming {workdir} at step {step} with a changed config (recorded in "
+        f"{workdir / resume_lib.RESUMES_NAME}):\n" + "\n".join(lines), flush=True)
+  resume_lib.record(workdir, step, changed, learning_rate)
+
+
+def _completed(config, workdir, step):
+  """The result of a run that is already complete; nothing is written."""
+  metrics_path = workdir / "metrics.jsonl"
+  rows = metrics_lib.read_metrics(metrics_path) if metrics_path.exists() else []
+  final = resume_lib.final_metrics(rows, step)
+  shown = "  ".join(f"{k[len('eval/'):]}: {v:.4f}" for k, v in final.items()) or "-"
+  print(f"The run in {workdir} is complete (step {step} of config.total_steps="
+        f"{config.total_steps}; final eval {shown}). Nothing was trained or written; raise "
+        f"--config.total_steps to train on, or use another --workdir.", flush=True)
+  plot = workdir / "metrics.png"
+  return {**_result(final, step, workdir, workdir / "checkpoints" / str(step),
+                    plot if plot.exists() else None), "complete": True}
 
 
 def _check_and_summarise(pending):

@@ -1,0 +1,371 @@
+"""Checks a config before a run writes anything: bad values are `ConfigError`s (exit 2).
+
+`validate(config, workdir)` is called first thing by `trainer.train`, before the
+workdir is created or locked. Each error names the key, its value, what is
+allowed and how to set it; nothing is written, so a fixed command can rerun at once.
+
+In order, cheapest first:
+  * `RULES`: one range per key (positive step counts, probabilities in [0, 1), names
+    from the lists the code that uses them keeps);
+  * the workdir: a directory that exists or can be created, writable;
+  * the mesh against the devices, and the batch sizes against the mesh;
+  * `init` (and `teacher.init`) paths;
+  * the dataset and its splits (digits, or a prepared TFDS dataset) and
+    `model.num_classes` against its classes: fewer is an error (labels without a
+    logit); more is allowed, as in transfer setups that keep a wider head;
+  * freeze / lr_multipliers / layer_decay against the model's parameter names,
+    from shapes alone (`jax.eval_shape`, nothing compiled or allocated).
+"""
+
+import math
+import numbers
+import os
+from typing import Any, Callable, NamedTuple
+
+import jax
+
+from vitjax import config as config_lib
+from vitjax.train import optim
+from vitjax.train import sharding as sharding_lib
+from vitjax.train import tasks
+from vitjax.train import workdir as workdir_lib
+
+ConfigError = config_lib.ConfigError
+
+# vitjax.convert.load_weights' `head`, and vitjax.data.augment.random_erase's `mode`.
+INIT_HEADS = ("error", "reinit")
+RANDOM_ERASING_MODES = ("pixel", "rand", "const")
+
+
+class Rule(NamedTuple):
+  """What a key may hold: a predicate and its description for the error message."""
+  test: Callable[[Any], bool]
+  allowed: str
+
+
+def _is_int(value):
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value):
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+def integer(minimum=None):
+  if minimum is None:
+    return Rule(_is_int, "an integer")
+  return Rule(lambda v: _is_int(v) and v >= minimum, f"an integer >= {minimum}")
+
+
+def number(low=None, high=None, *, low_open=False, high_open=False):
+  """A finite number in the interval, e.g. number(0, 1, high_open=True) is [0, 1)."""
+
+  def test(value):
+    return (_is_number(value)
+            and (low is None or (value > low if low_open else value >= low))
+            and (high is None or (value < high if high_open else value <= high)))
+
+  if high is None:
+    allowed = f"a number {'>' if low_open else '>='} {low}"
+  else:
+    allowed = (f"a number in {'(' if low_open else '['}{low}, {high}"
+               f"{')' if high_open else ']'}")
+  return Rule(test, allowed)
+
+
+def one_of(names):
+  return Rule(lambda v: v in names, f"one of {', '.join(map(repr, names))}")
+
+
+def or_none(rule, meaning):
+  return Rule(lambda v: v is None or rule.test(v), f"{rule.allowed}, or None ({meaning})")
+
+
+def pair(low, high):
+  """(min, max) with low < min <= max <= high: crop scales and aspect ratios."""
+
+  def test(value):
+    return (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(_is_number(v) for v in value)
+            and low < value[0] <= value[1] <= (high if high is not None else math.inf))
+
+  return Rule(test, f"(min, max) with {low} < min <= max"
+              + (f" <= {high}" if high is not None else ""))
+
+
+def _positive_numbers(value):
+  values = value if isinstance(value, (tuple, list)) else (value,)
+  return bool(values) and all(_is_number(v) and v > 0 for v in values)
+
+
+_PROBABILITY = number(0, 1)
+_RATE = number(0, 1, high_open=True)  # Dropout-like: 1 would drop everything.
+# Zero or negative rates do nothing, or train by gradient ascent. NaN is left to the
+# divergence check, which stops the run at the first update naming the step (the tests
+# inject divergence that way).
+_POSITIVE = number(0, low_open=True)
+_LEARNING_RATE = Rule(lambda v: _POSITIVE.test(v) or (isinstance(v, float) and math.isnan(v)),
+                      _POSITIVE.allowed)
+
+# key -> what it may hold, and a value for the example fix. Keys a config does
+# not define are skipped; cross-key checks (divisibility, the dataset, the
+# mesh) are the functions below.
+RULES = (
+    ("seed", integer(), 0),
+    ("total_steps", integer(1), 1000),
+    ("batch_size", integer(1), 128),
+    ("eval_batch_size", integer(1), 256),
+    ("grad_accum_steps", integer(1), 1),
+    ("log_every", integer(1), 50),
+    ("eval_every", or_none(integer(0), "0 or None: only at the end"), 500),
+    ("checkpoint_every", or_none(integer(0), "0 or None: only at the end"), 500),
+    ("keep_checkpoints", integer(1), 2),
+    ("label_smoothing", _RATE, 0.1),
+    ("init_head", one_of(INIT_HEADS), "reinit"),  # Absent: 'error'.
+    ("optimizer.name", one_of(optim.OPTIMIZERS), optim.OPTIMIZERS[0]),
+    ("optimizer.schedule", one_of(optim.SCHEDULES), optim.SCHEDULES[0]),
+    ("optimizer.learning_rate", _LEARNING_RATE, 1e-3),
+    ("optimizer.end_learning_rate", number(0), 0.0),
+    ("optimizer.weight_decay", number(0), 0.05),
+    # More warmup than total_steps is fine: the schedule clips it (short smoke runs).
+    ("optimizer.warmup_steps", integer(0), 100),
+    ("optimizer.grad_clip_norm", or_none(number(0), "no clipping"), 1.0),
+    ("optimizer.b1", _RATE, 0.9),
+    ("optimizer.b2", _RATE, 0.999),
+    ("optimizer.momentum", or_none(_RATE, "no momentum"), 0.9),
+    ("optimizer.layer_decay", or_none(number(0, 1, low_open=True), "off"), 0.75),
+    ("model.num_classes", integer(0), 10),  # 0: no head (features only).
+    ("model.image_size", integer(1), 224),
+    ("model.dropout", _RATE, 0.0),
+    ("model.attention_dropout", _RATE, 0.0),
+    ("model.drop_path_rate", _RATE, 0.1),
+    ("input.image_size", or_none(integer(1), "the dataset's own size"), 224),
+    ("input.random_crop_padding", integer(0), 0),
+    ("input.channels", one_of((1, 3)), 3),
+    ("input.std", Rule(_positive_numbers, "numbers > 0 (one, or one per channel)"), 0.5),
+    ("input.num_threads", or_none(integer(0), "automatic"), 8),
+    ("input.inception_crop_scale", pair(0, 1), "(0.08,1.0)"),
+    ("input.inception_crop_ratio", pair(0, None), "(0.75,1.3333)"),
+    ("input.randaugment_ops", integer(0), 2),
+    ("input.randaugment_magnitude", number(0), 9.0),
+    ("input.randaugment_magnitude_std", number(0), 0.5),
+    ("input.mixup_alpha", number(0), 0.8),
+    ("input.cutmix_alpha", number(0), 1.0),
+    ("input.mixup_prob", _PROBABILITY, 1.0),
+    ("input.mixup_switch_prob", _PROBABILITY, 0.5),
+    ("input.random_erasing_prob", _PROBABILITY, 0.25),
+    ("input.random_erasing_mode", one_of(RANDOM_ERASING_MODES), "pixel"),
+)
+
+_MISSING = object()
+
+
+def validate(config, workdir, *, devices=None):
+  """Raises `ConfigError` naming the bad value and the fix; writes nothing.
+
+  Args:
+    config: the run's config, as `trainer.train` gets it.
+    workdir: the run's directory (need not exist yet).
+    devices: the devices the mesh is made of; by default all of them (jax.devices()).
+  """
+  check_rules(config)
+  check_workdir(workdir)
+  check_mesh_and_batch_sizes(config, jax.devices() if devices is None else devices)
+  check_init(config)
+  check_dataset(config)
+  check_parameter_patterns(config)
+
+
+def lookup(config, dotted_key):
+  """config['a']['b'] for 'a.b', or _MISSING where a part is absent."""
+  node = config
+  for part in dotted_key.split("."):
+    if node is None or not hasattr(node, "get"):
+      return _MISSING
+    node = node.get(part, _MISSING)
+    if node is _MISSING:
+      return _MISSING
+  return node
+
+
+def check_rules(config):
+  for key, rule, example in RULES:
+    value = lookup(config, key)
+    if value is not _MISSING and not rule.test(value):
+      raise ConfigError(f"config.{key}={value!r}: must be {rule.allowed}. Set it in the "
+                        f"config file or on the command line, e.g. --config.{key}={example}.")
+  try:
+    sharding_lib.logical_rules(config)  # Its message names config.sharding and the presets.
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  try:
+    tasks.make_task(config)  # Unknown task names, and a task's own required keys.
+  except ValueError as e:  # Their messages name the config keys.
+    raise ConfigError(str(e)) from None
+
+
+def check_workdir(workdir):
+  """A local directory that exists or can be made, writable; read-only checks.
+
+  Remote workdirs (gs://...) are left to the first write: os.access cannot ask a bucket.
+  """
+  if not workdir_lib.is_local(workdir):
+    return
+  path = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"--workdir {workdir}: is an existing file, not a directory. Give a "
+                      f"directory path (created if missing).")
+  existing = path
+  while not os.path.exists(existing):  # The deepest part that exists: it will hold the rest.
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ConfigError(f"--workdir {workdir}: cannot be created, {existing} is a file. Give "
+                      f"a path under a directory.")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir {workdir}: {existing} is not writable by this user. Give "
+                      f"a directory you can write to.")
+
+
+def check_mesh_and_batch_sizes(config, devices):
+  """config.mesh fits the devices; the batch sizes split evenly over the batch devices."""
+  mesh_config = dict(config.get("mesh") or {"data": -1})
+  for axis, size in mesh_config.items():
+    if not (_is_int(size) and (size >= 1 or size == -1)):
+      raise ConfigError(f"config.mesh.{axis}={size!r}: must be a positive integer, or -1 for "
+                        f"all the devices the other axes leave, e.g. --config.mesh.{axis}=-1.")
+  sizes = list(mesh_config.values())
+  if sizes.count(-1) > 1:
+    raise ConfigError(f"config.mesh={mesh_config}: at most one axis may be -1 (all the "
+                      f"remaining devices); give the others sizes.")
+  fixed = math.prod(s for s in sizes if s != -1)
+  used = fixed * (len(devices) // fixed if -1 in sizes else 1)
+  if not used or len(devices) % used:
+    # The fix: a fixed axis that does not fit to 1 beside a -1, else the first axis to -1.
+    axis = next((a for a, s in mesh_config.items() if s not in (1, -1)), next(iter(mesh_config)))
+    fix = f"{axis}=1" if -1 in sizes else f"{axis}=-1"
+    raise ConfigError(
+        f"config.mesh={mesh_config} does not divide the {len(devices)} devices: the axis "
+        f"sizes must multiply to a divisor of {len(devices)} (-1 takes all the devices the "
+        f"other axes leave). E.g. --config.mesh.{fix}.")
+  try:
+    mesh = sharding_lib.make_mesh(mesh_config, devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  split = sharding_lib.batch_devices(mesh)
+  accum = config.get("grad_accum_steps", 1)
+  why = f"the {split} devices the batch is split over (mesh {dict(mesh.shape)})"
+  batch_size = config.batch_size
+  if batch_size % (accum * split):
+    multiple = accum * split
+    raise ConfigError(
+        f"config.batch_size={batch_size} must be divisible by grad_accum_steps={accum} x "
+        f"{why}, i.e. by {multiple}: e.g. --config.batch_size="
+        f"{max(multiple, batch_size // multiple * multiple)}.")
+  eval_batch_size = config.get("eval_batch_size", batch_size)
+  if eval_batch_size % split:
+    raise ConfigError(
+        f"config.eval_batch_size={eval_batch_size} must be divisible by {why}: e.g. "
+        f"--config.eval_batch_size={-(-eval_batch_size // split) * split}.")
+
+
+def check_init(config):
+  """Weights to start from (`init`, `teacher.init`) exist: a file or a directory."""
+  from vitjax.train import trainer  # pylint: disable=g-import-not-at-top
+  try:
+    init = trainer.init_weights_path(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  init_key = "init" if config.get("init") else "init_weights"
+  for key, value in ((init_key, init), ("teacher.init", lookup(config, "teacher.init"))):
+    if value is _MISSING or not value:
+      continue
+    # Two-tower models may take one path per tower: {'img': path, 'txt': path}.
+    paths = dict(value) if hasattr(value, "items") else {None: value}
+    for tower, path in paths.items():
+      if not path or os.path.exists(os.path.expanduser(os.fspath(path))):
+        continue
+      name = f"config.{key}" + (f".{tower}" if tower else "")
+      where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+      scratch = "" if key == "teacher.init" else f"; or {name}=None to start from scratch"
+      raise ConfigError(
+          f"{name}={os.fspath(path)!r} does not exist{where}. Give an .npz, .safetensors "
+          f"or PyTorch file, a Hugging Face model directory, or the workdir of a vitjax "
+          f"run (with checkpoints/){scratch}.")
+
+
+def check_dataset(config):
+  """The dataset and its splits exist (digits, or prepared TFDS); num_classes covers them."""
+  name = config.get("dataset") or "digits"
+  splits = {"train_split": config.get("train_split") or "train",
+            "eval_split": config.get("eval_split") or "test"}
+  from vitjax.data.pipeline import InputConfig  # pylint: disable=g-import-not-at-top
+  try:
+    input_config = InputConfig.from_config(config.get("input"))
+  except ValueError as e:  # Its messages start with the key: 'input.crop_pct must be ...'.
+    raise ConfigError(f"config.{e}") from None
+  if name == "digits":
+    from vitjax.data import digits  # pylint: disable=g-import-not-at-top
+    for key, split in splits.items():
+      try:
+        digits.load_digits(split)  # 8x8 images, in memory: cheap.
+      except ValueError as e:
+        raise ConfigError(f"config.{key}={split!r}: {e}") from None
+    num_classes = digits.NUM_CLASSES
+  else:
+    num_classes = _check_tfds(config, name, splits, input_config)
+  model_classes = lookup(config, "model.num_classes")
+  # More outputs than classes trains (the extra logits learn to stay low), so it is allowed.
+  if _is_int(model_classes) and 0 < model_classes < num_classes:
+    raise ConfigError(
+        f"config.model.num_classes={model_classes} but dataset {name!r} has {num_classes} "
+        f"classes: labels >= {model_classes} would have no logit. Set "
+        f"--config.model.num_classes={num_classes}.")
+
+
+def _check_tfds(config, name, splits, input_config):
+  """Opens each split as the pipeline will (metadata only, nothing decoded); its classes."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from vitjax.data import tfds as tfds_data  # pylint: disable=g-import-not-at-top
+  data_dir = config.get("data_dir")
+  for key, split in splits.items():
+    try:
+      source = tfds_data.TfdsSplit(name, split, data_dir=data_dir,
+                                   image_size=input_config.image_size,
+                                   image_key=input_config.image_key,
+                                   label_key=input_config.label_key)
+    except tfds_data.UnknownDatasetError as e:
+      raise ConfigError(f"config.dataset={name!r}: {e}") from None
+    except tfds_data.DatasetNotPreparedError as e:
+      raise ConfigError(f"config.dataset={name!r} with config.data_dir={data_dir!r}: {e}"
+                        ) from None
+    except (KeyError, ValueError) as e:
+      # The dataset is prepared (TfdsSplit checked that): the split, or a feature.
+      known = tfds.builder(name, data_dir=data_dir).info.splits
+      try:
+        known[split]  # Names, slices ('train[:90%]') and sums ('train+test').
+      except Exception:  # pylint: disable=broad-except
+        raise ConfigError(
+            f"config.{key}={split!r} is not a split of {name!r}. Its splits: "
+            f"{', '.join(map(repr, known))}; slices such as 'train[:90%]' work too."
+        ) from None
+      if isinstance(e, KeyError):  # A feature it lacks; the message names input.*_key.
+        raise ConfigError(str(e.args[0])) from None
+      raise ConfigError(f"config.input.image_size=None: {e}") from None  # Mixed sizes.
+  return source.num_classes
+
+
+def check_parameter_patterns(config):
+  """freeze, lr_multipliers and layer_decay against the model's parameter names.
+
+  The optimizer is built as the trainer builds it (optim.make_optimizer runs the
+  same checks), on parameter shapes from jax.eval_shape: nothing is compiled or
+  allocated. Skipped when none of the three is set, as nothing else needs the names.
+  """
+  opt = config.get("optimizer")
+  if not opt or not any(opt.get(key) for key in ("freeze", "lr_multipliers", "layer_decay")):
+    return
+  from vitjax import models  # pylint: disable=g-import-not-at-top
+  from vitjax.train import trainer  # pylint: disable=g-import-not-at-top
+  params = models.param_shapes(trainer.build_model(config))
+  optim.make_optimizer(config, params)
