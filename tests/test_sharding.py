@@ -79,18 +79,15 @@ def _losses(workdir):
     return [row["train/loss"] for row in map(json.loads, f) if "train/loss" in row]
 
 
-def test_two_processes_give_the_losses_of_one(tmp_path):
-  single = subprocess.run(_cli(tmp_path / "single"), capture_output=True, text=True,
-                          env=_env(2), cwd=ROOT, timeout=600)
-  assert single.returncode == 0, single.stderr[-3000:]
-
+def _two_processes(workdir, extra=()):
+  """Runs the command line as two jax.distributed processes; returns their (stdout, stderr)."""
   port = _free_port()
   workers = [subprocess.Popen(
-      _cli(tmp_path / "multi", [
+      _cli(workdir, [
           "--config.distributed.enabled=true",
           f"--config.distributed.coordinator_address=localhost:{port}",
           "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-          "--config.distributed.cpu_collectives=gloo"]),
+          "--config.distributed.cpu_collectives=gloo", *extra]),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(1), cwd=ROOT)
       for i in range(2)]
   outputs = []
@@ -103,5 +100,34 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
       pytest.fail("the two-process run did not finish")
   for worker, (_, stderr) in zip(workers, outputs):
     assert worker.returncode == 0, stderr[-3000:]
+  return outputs
+
+
+def test_two_processes_give_the_losses_of_one(tmp_path):
+  single = subprocess.run(_cli(tmp_path / "single"), capture_output=True, text=True,
+                          env=_env(2), cwd=ROOT, timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+  outputs = _two_processes(tmp_path / "multi")
   np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(tmp_path / "single"), atol=1e-5)
   assert "Final eval top-1" in outputs[0][0]
+
+
+def test_two_processes_agree_on_the_checkpoint_to_restore(tmp_path):
+  """Process 0 finds the latest checkpoint unreadable: both hosts resume from the one before."""
+  workdir = tmp_path / "multi"
+  steps = ["--config.checkpoint_every=2", "--config.keep_checkpoints=3"]
+  _two_processes(workdir, steps + ["--config.total_steps=4"])
+  latest = workdir / "checkpoints" / "4"
+  for folder, _, names in os.walk(latest):
+    for name in names:
+      if os.path.basename(folder) == "d":
+        os.truncate(os.path.join(folder, name), os.path.getsize(os.path.join(folder, name)) // 2)
+  outputs = _two_processes(workdir, steps + ["--config.total_steps=6"])
+  for stdout, _ in outputs:
+    assert "Resuming from the checkpoint at step 2 in " in stdout, stdout
+  # Set aside once, by process 0, which also says so (one line).
+  assert os.listdir(workdir / "checkpoints_unreadable") == ["4"]
+  assert outputs[0][1].count("WARNING: the checkpoint of step 4 cannot be read") == 1
+  assert "WARNING" not in outputs[1][1]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4", "6"]
+  assert not (workdir / "run.lock").exists()  # Process 0 held it for both, and let it go.

@@ -71,8 +71,11 @@ def resize(images: np.ndarray, size: int | tuple[int, int],
     return images
   rows = _interpolation_matrix(input_height, height, interpolation)
   columns = _interpolation_matrix(input_width, width, interpolation)
-  # [H_out, H_in] @ [N, H_in, W_in, C] over H, then [W_out, W_in] over W.
-  images = np.einsum("oh,nhwc->nowc", rows, images, optimize=True)
+  # [H_out, H_in] @ [H_in, W_in] per image and channel, then [W_out, W_in] per row.
+  # Stacked matmuls make one BLAS call per matrix, so an image's result does not
+  # depend on the batch it is in (an einsum over the batch, folded into one matrix
+  # product, gave other last bits for a half batch: hosts would disagree).
+  images = np.matmul(rows, images.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
   return np.matmul(columns, images)
 
 

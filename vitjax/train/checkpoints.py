@@ -211,8 +211,9 @@ class Checkpointer:
       raise self._none_readable(failures or {s: "unreadable (process 0)" for s in steps})
     if chosen != steps[0]:
       multihost_utils.sync_global_devices("vitjax: checkpoint chosen")
-      self._set_aside(failures, chosen)
+      self._set_aside(failures, chosen, reload=False)  # Only process 0 moves files.
       multihost_utils.sync_global_devices("vitjax: unreadable checkpoints set aside")
+      self._manager.reload()
     return chosen
 
   def _check_fits(self, step, abstract_state):
@@ -245,14 +246,12 @@ class Checkpointer:
     if message:
       raise CheckpointMismatchError(message)
 
-  def _set_aside(self, failures, step):
+  def _set_aside(self, failures, step, reload=True):
     """Moves the unreadable checkpoints newer than `step` out of the way of new saves.
 
-    Process 0 moves them (one warning line each); the others only reload the list.
+    Process 0 moves them (one warning line each), then the list of steps is reloaded.
     """
-    if not failures:
-      return
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and failures:
       for newer in sorted(s for s in self._manager.all_steps() if s > step):
         self.unreadable_directory.mkdir(parents=True, exist_ok=True)
         target = self.unreadable_directory / str(newer)
@@ -263,7 +262,8 @@ class Checkpointer:
         print(f"WARNING: the checkpoint of step {newer} cannot be read "
               f"({failures.get(newer, 'unreadable')}); moved it to {target} and resumed from "
               f"step {step}.", file=sys.stderr, flush=True)
-    self._manager.reload()
+    if reload and failures:
+      self._manager.reload()
 
   def path(self, step):
     return self.directory / str(step)

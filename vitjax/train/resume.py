@@ -28,6 +28,8 @@ STATE_KEYS = ("model.", "input.image_size", "input.channels", "task", "optimizer
 # Model keys that change the computation, not the parameters.
 COMPUTE_ONLY_KEYS = ("model.attention_impl", "model.dtype", "model.dropout",
                      "model.drop_path_rate", "model.remat_policy", "model.attention_dropout")
+# Keys that differ between launches of the same run (a new coordinator port).
+LAUNCH_KEYS = ("distributed.",)
 # Keys whose change moves the learning-rate schedule.
 SCHEDULE_KEYS = ("total_steps", "optimizer.")
 
@@ -72,7 +74,7 @@ def changes(saved, config):
   old, new = flat_json(saved), flat_json(config)
   missing = object()
   return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
-          if old.get(key, missing) != new.get(key, missing)}
+          if old.get(key, missing) != new.get(key, missing) and not _matches(key, LAUNCH_KEYS)}
 
 
 def check_same_state(changed, workdir, step):
