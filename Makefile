@@ -35,7 +35,7 @@ quickstart: $(VENV)/.installed
 	$(BIN)/python -m vitjax.train --config configs/quickstart.py --workdir $(WORKDIR)
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=20 tests
 
 clean:
 	rm -rf $(VENV) workdirs

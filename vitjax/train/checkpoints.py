@@ -22,10 +22,10 @@ import logging
 import os
 import sys
 
+from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
 from vitjax.convert import checkpoint as convert_checkpoint
 
