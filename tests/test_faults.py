@@ -1,6 +1,6 @@
 """Faults the trainer survives: SIGKILL, failed checkpoint writes, non-finite steps, changed data.
 
-The corrupt-checkpoint fallback is in test_train.py (a truncated array file of the
+The corrupt-checkpoint fallback is in test_run_safety.py (truncated array files of the
 latest checkpoint); undecodable images are the data pipeline's (tests/test_data.py).
 """
 

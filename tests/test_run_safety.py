@@ -264,6 +264,10 @@ def test_a_truncated_checkpoint_is_one_warning_line(tmp_path):
   assert stderr.rstrip().endswith(
       f"moved it to {workdir / 'checkpoints_unreadable' / '4'} and resumed from step 2.")
   assert "Resuming from the checkpoint at step 2" in stdout
+  assert (workdir / "checkpoints_unreadable" / "4" / "state").is_dir()  # Kept, not deleted.
+  # The rows the first run logged after step 2 were replaced by the rerun's.
+  rows = metrics_lib.read_metrics(workdir / "metrics.jsonl")
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
 
 
 # Storage: nothing calls os.path on a `gs://` workdir.

@@ -157,6 +157,16 @@ def test_parameter_patterns_must_match(tmp_path, override, match):
   assert "Transformer/" in message or "Narrow the pattern" in message  # How to fix it.
 
 
+@pytest.mark.parametrize("override, match", [
+    ("model.variant=Q/16", "config.model: Unknown ViT variant 'Q/16': expected SIZE/PATCH"),
+    ("model.pool_type=tok", "config.model: Unknown pool_type 'tok'; use 'token', 'gap'"),
+    ("model.variant=mu/5", "16x16 images are not a whole number of 5x5 patches"),
+])
+def test_model_options_the_model_rejects_when_it_runs(tmp_path, override, match):
+  """Checked by tracing the model's init: no longer a traceback from inside the model."""
+  assert match in validation_error(quickstart(override), tmp_path)
+
+
 def test_matching_patterns_and_layer_decay_pass(tmp_path):
   validation.validate(quickstart("optimizer.freeze=^embedding/", "optimizer.layer_decay=0.75",
                                  "optimizer.lr_multipliers=(('^head/',10.0),)"),

@@ -34,6 +34,10 @@ class CheckpointMismatchError(CheckpointError):
   """A checkpoint whose parameters do not fit the model; the message lists each difference."""
 
 
+# What load_weights does with a checkpoint's classifier head (`head=`).
+HEAD_OPTIONS = ("error", "reinit")
+
+
 def load_weights(model, path, *, head="error", rng=0):
   """Parameters for `model` from a big_vision/AugReg .npz, timm or HF transformers file.
 
@@ -63,7 +67,7 @@ def load_weights(model, path, *, head="error", rng=0):
     CheckpointMismatchError: the names or shapes differ from the model's; the
       message lists what is missing, unexpected and differently shaped.
   """
-  if head not in ("error", "reinit"):
+  if head not in HEAD_OPTIONS:
     raise ValueError(f"head={head!r}: use 'error' or 'reinit'.")
   if isinstance(model, SwinTransformer):  # Its own names and stages: vitjax.convert.swin.
     return swin.load_swin_weights(model, path, head=head, rng=rng)

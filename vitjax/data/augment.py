@@ -206,6 +206,9 @@ def rand_augment(rng: np.random.Generator, image: Image.Image, *,
   return image
 
 
+RANDOM_ERASING_MODES = ("pixel", "rand", "const")  # Noise per pixel, per channel, zeros.
+
+
 def random_erase(rng: np.random.Generator, image: np.ndarray, *,
                  probability: float = 0.25, mode: str = "pixel",
                  area: Sequence[float] = (0.02, 1 / 3),
@@ -216,7 +219,7 @@ def random_erase(rng: np.random.Generator, image: np.ndarray, *,
   ratio log-uniform in `aspect` (ten tries) is filled with standard normal
   noise per pixel ('pixel'), per channel ('rand') or zeros ('const').
   """
-  if mode not in ("pixel", "rand", "const"):
+  if mode not in RANDOM_ERASING_MODES:
     raise ValueError(f"random erasing mode must be 'pixel', 'rand' or 'const', "
                      f"not {mode!r}.")
   if rng.random() > probability:

@@ -93,6 +93,7 @@ def _run(args, overrides):
   workdir.check_free(args.workdir)  # A second run stops before importing JAX.
   # Imported after argument parsing so that `--help` answers at once.
   from vitjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from vitjax import models  # pylint: disable=g-import-not-at-top
   from vitjax.train import sharding  # pylint: disable=g-import-not-at-top
   from vitjax.train import trainer  # pylint: disable=g-import-not-at-top
 
@@ -100,7 +101,9 @@ def _run(args, overrides):
   config_lib.apply_overrides(config, overrides)
   try:
     trainer.build_model(config)  # Fails on an unknown model before the workdir exists.
-  except TypeError as e:  # An option the model does not take.
+  except models.UnknownModelError:
+    raise
+  except (TypeError, ValueError) as e:  # An option or a variant the model does not take.
     raise config_lib.ConfigError(f"config.model: {e}") from e
   sharding.initialize_distributed(config.get("distributed"))
   result = trainer.train(config, args.workdir, progress=not args.no_progress)

@@ -10,7 +10,6 @@ sharding, checkpointing and logging are shared by all of them.
 
 import contextlib
 import functools
-import json
 import math
 import os
 import time
@@ -120,12 +119,18 @@ def train(config, workdir, *, progress=True):
   model = task.build_model()  # Unknown models fail here, before anything is written.
   evaluators = task.evaluators()
   for name in evaluators:
-    evaluate_lib.get_evaluator(name)  # Unknown evaluators too.
+    try:
+      evaluate_lib.get_evaluator(name)  # Unknown evaluators too.
+    except ValueError as e:
+      raise validation.ConfigError(f"config.evaluators: {e}") from e
   dataset = task.dataset()
   num_classes = config.model.get("num_classes")
   if num_classes and num_classes < getattr(dataset, "num_classes", 0):
-    raise ValueError(f"config.model.num_classes={config.model.num_classes} but dataset "
-                     f"{config.dataset!r} has {dataset.num_classes} classes.")
+    # Also checked by `validate` for digits and TFDS; here for every task's dataset.
+    raise validation.ConfigError(
+        f"config.model.num_classes={config.model.num_classes} but dataset "
+        f"{config.dataset!r} has {dataset.num_classes} classes: set "
+        f"--config.model.num_classes={dataset.num_classes}.")
   mesh = sharding_lib.make_mesh(config.get("mesh") or {"data": -1})
   rules = sharding_lib.logical_rules(config)
   is_main = jax.process_index() == 0

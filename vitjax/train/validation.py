@@ -13,8 +13,8 @@ In order, cheapest first:
   * the dataset and its splits (digits, or a prepared TFDS dataset) and
     `model.num_classes` against its classes: fewer is an error (labels without a
     logit); more is allowed, as in transfer setups that keep a wider head;
-  * freeze / lr_multipliers / layer_decay against the model's parameter names,
-    from shapes alone (`jax.eval_shape`, nothing compiled or allocated).
+  * the model's options, by tracing its init (`jax.eval_shape`, nothing compiled or
+    allocated), and freeze / lr_multipliers / layer_decay against its parameter names.
 """
 
 import math
@@ -25,6 +25,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 
 from vitjax import config as config_lib
+from vitjax.convert import checkpoint as convert_checkpoint
+from vitjax.data import augment
 from vitjax.train import optim
 from vitjax.train import sharding as sharding_lib
 from vitjax.train import tasks
@@ -33,8 +35,8 @@ from vitjax.train import workdir as workdir_lib
 ConfigError = config_lib.ConfigError
 
 # vitjax.convert.load_weights' `head`, and vitjax.data.augment.random_erase's `mode`.
-INIT_HEADS = ("error", "reinit")
-RANDOM_ERASING_MODES = ("pixel", "rand", "const")
+INIT_HEADS = convert_checkpoint.HEAD_OPTIONS
+RANDOM_ERASING_MODES = augment.RANDOM_ERASING_MODES
 
 
 class Rule(NamedTuple):
@@ -174,7 +176,7 @@ def validate(config, workdir, *, devices=None):
   check_mesh_and_batch_sizes(config, jax.devices() if devices is None else devices)
   check_init(config)
   check_dataset(config)
-  check_parameter_patterns(config)
+  check_parameter_patterns(config, check_model(config))
 
 
 def lookup(config, dotted_key):
@@ -355,7 +357,24 @@ def _check_tfds(config, name, splits, input_config):
   return source.num_classes
 
 
-def check_parameter_patterns(config):
+def check_model(config):
+  """The model's parameter shapes; a model option it rejects is a `ConfigError`.
+
+  Builds the model and traces its init with jax.eval_shape (nothing compiled or
+  allocated), so options the model only checks when it runs (a variant, a pool
+  type, an image size that is not a whole number of patches) stop the run here.
+  """
+  from vitjax import models  # pylint: disable=g-import-not-at-top
+  from vitjax.train import trainer  # pylint: disable=g-import-not-at-top
+  try:
+    return models.param_shapes(trainer.build_model(config))
+  except models.UnknownModelError:
+    raise
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config.model: {e}") from None
+
+
+def check_parameter_patterns(config, params):
   """freeze, lr_multipliers and layer_decay against the model's parameter names.
 
   The optimizer is built as the trainer builds it (optim.make_optimizer runs the
@@ -365,7 +384,4 @@ def check_parameter_patterns(config):
   opt = config.get("optimizer")
   if not opt or not any(opt.get(key) for key in ("freeze", "lr_multipliers", "layer_decay")):
     return
-  from vitjax import models  # pylint: disable=g-import-not-at-top
-  from vitjax.train import trainer  # pylint: disable=g-import-not-at-top
-  params = models.param_shapes(trainer.build_model(config))
   optim.make_optimizer(config, params)
