@@ -10,6 +10,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 # A CPU build of PyTorch, installed before transformers so that pip does not fetch a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# The tested versions of every dependency (see its header).
+CONSTRAINTS := constraints.txt
 WORKDIR ?= workdirs/quickstart
 # Test processes (pytest-xdist): the suite is mostly single-threaded compilation, so two
 # workers on two cores take about half the time of one.
@@ -22,13 +24,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: setup.py | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+$(VENV)/.installed: setup.py $(CONSTRAINTS) | $(BIN)/python
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e .
 	touch $@
 
-$(VENV)/.installed-test: setup.py $(VENV)/.installed
+$(VENV)/.installed-test: setup.py $(CONSTRAINTS) $(VENV)/.installed
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[test]"
 	touch $@
 
 quickstart: $(VENV)/.installed
