@@ -1,7 +1,6 @@
 """The throughput benchmark runs on a CPU, counts FLOPs right and compares with PyTorch."""
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -16,8 +15,6 @@ from vitjax.tools import benchmark
 # timing it take seconds.
 TINY = ["--model", "vit", "--variant", "mu/16", "--image_size", "32", "--batch", "2",
         "--steps", "2", "--warmup", "1"]
-HAVE_TRANSFORMERS = bool(importlib.util.find_spec("torch")
-                         and importlib.util.find_spec("transformers"))
 
 
 @pytest.fixture(scope="module", name="runs")
@@ -25,7 +22,7 @@ def fixture_runs(tmp_path_factory):
   """mode -> (result, printed output, JSON path): inference alone, training beside PyTorch."""
   runs = {}
   for mode, extra in (("infer", ["--compare", "none"]),
-                      ("train", ["--compare", "transformers" if HAVE_TRANSFORMERS else "none",
+                      ("train", ["--compare", "transformers",
                                  "--peak_tflops", "1", "--markdown"])):
     path = tmp_path_factory.mktemp(mode) / "result.json"
     out = io.StringIO()
@@ -61,7 +58,6 @@ def test_training_costs_more_flops_than_inference(runs):
   assert 2.5 < train["flops"] / infer["flops"] < 5
 
 
-@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="needs torch and transformers")
 def test_compares_with_the_transformers_vit(runs):
   result, out, _ = runs["train"]
   torch_result = result["torch"]
@@ -76,7 +72,6 @@ def test_compares_with_the_transformers_vit(runs):
   assert f"| {result['ratio']:.2f}x |" in out
 
 
-@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="needs torch and transformers")
 def test_transformers_vit_has_the_same_size():
   from vitjax import models  # pylint: disable=import-outside-toplevel
   args = benchmark.parse_args(["--model", "vit_small_patch16_224", "--image_size", "32"])

@@ -19,8 +19,8 @@ TINY_ENCODER = dict(image_size=32, patch_size=8, width=48, depth=2, num_heads=4,
 
 
 def _hf_mae(norm_pix_loss):
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  import torch  # The oracle: a failed import fails the test.
+  import transformers  # The oracle: a failed import fails the test.
   torch.manual_seed(0)
   config = transformers.ViTMAEConfig(
       image_size=32, patch_size=8, num_channels=3, hidden_size=48, num_hidden_layers=2,
@@ -37,8 +37,8 @@ def _hf_mae(norm_pix_loss):
 
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
 def test_hf_vitmae_parity_features_reconstruction_loss(tmp_path, norm_pix_loss):
-  torch = pytest.importorskip("torch")
-  safetensors_torch = pytest.importorskip("safetensors.torch")
+  import torch  # The oracle: a failed import fails the test.
+  import safetensors.torch as safetensors_torch  # The oracle: a failed import fails the test.
   hf = _hf_mae(norm_pix_loss)
   path = str(tmp_path / "mae.safetensors")
   safetensors_torch.save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, path)

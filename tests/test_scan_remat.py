@@ -228,7 +228,7 @@ def test_scanned_model_mismatch_message(params, tmp_path):
 
 
 def test_scanned_params_export_to_timm(params, tmp_path):
-  pytest.importorskip("safetensors")
+  import safetensors  # pylint: disable=unused-import
   vitjax.save_weights(params, tmp_path / "unscanned.safetensors", format="timm")
   vitjax.save_weights(scan_params(params, 3), tmp_path / "scanned.safetensors", format="timm")
   expected, _ = files.read_arrays(tmp_path / "unscanned.safetensors")

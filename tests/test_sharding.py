@@ -131,3 +131,17 @@ def test_two_processes_agree_on_the_checkpoint_to_restore(tmp_path):
   assert "WARNING" not in outputs[1][1]
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4", "6"]
   assert not (workdir / "run.lock").exists()  # Process 0 held it for both, and let it go.
+
+
+def test_a_mesh_mesh_utils_cannot_lay_out_is_a_warning_naming_it(monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  from vitjax.train import sharding  # pylint: disable=g-import-not-at-top
+
+  def refuse(*args, **kwargs):
+    raise ValueError("no topology (simulated)")
+  monkeypatch.setattr(mesh_utils, "create_device_mesh", refuse)
+  with pytest.warns(UserWarning, match=r"could not lay out the mesh \{'fsdp': 1, 'tensor': 1, "
+                    r"'data': 1\} on 1 cpu devices \(ValueError: no topology"):
+    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}

@@ -8,6 +8,7 @@ whole by `config.sharding_rules`; the mesh comes from `config.mesh`.
 """
 
 import math
+import warnings
 
 import flax.linen as nn
 import jax
@@ -88,8 +89,12 @@ def make_mesh(mesh_config, devices=None):
   try:
     from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
     grid = mesh_utils.create_device_mesh(sizes, devices[:count])
-  except Exception:  # pylint: disable=broad-except
-    grid = np.array(devices[:count]).reshape(sizes)  # Topology-agnostic fallback.
+  except Exception as e:  # pylint: disable=broad-except
+    # Topology-agnostic: fine on CPUs, slower collectives on a TPU or GPU torus.
+    warnings.warn(f"jax.experimental.mesh_utils could not lay out the mesh "
+                  f"{dict(zip(names, sizes))} on {count} {devices[0].platform} devices "
+                  f"({type(e).__name__}: {e}); using them in plain order instead.")
+    grid = np.array(devices[:count]).reshape(sizes)
   return Mesh(grid, names)
 
 
