@@ -153,13 +153,7 @@ class Checkpointer:
       return step, *self._restore_step(step, abstract_state)
     failures = {}
     for step in steps:
-      try:
-        # Every stored value read and waited for first: orbax, at its first failing
-        # read, closes its event loop under the reads in flight, and each of those
-        # prints an 'Event loop is closed' traceback.
-        read_all_arrays(self.directory, step)
-      except Exception as e:  # pylint: disable=broad-except
-        failures[step] = self._describe(step, e)
+      if not self._readable(step, failures):
         continue
       self._check_fits(step, abstract_state)
       try:
@@ -178,6 +172,20 @@ class Checkpointer:
     with quiet_orbax():
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], restored.get("data")
+
+  def _readable(self, step, failures):
+    """Whether every stored value of `step` reads; if not, records why in `failures`.
+
+    Read and waited for one by one before orbax restores: orbax, at its first failing
+    read, closes its event loop under the reads in flight, and each of those prints
+    an 'Event loop is closed' traceback.
+    """
+    try:
+      read_all_arrays(self.directory, step)
+    except Exception as e:  # pylint: disable=broad-except
+      failures[step] = self._describe(step, e)
+      return False
+    return True
 
   def _describe(self, step, error):
     """'file: reason' of a checkpoint that cannot be read."""
@@ -198,14 +206,7 @@ class Checkpointer:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     chosen, failures = -1, {}
     if jax.process_index() == 0:
-      for step in steps:
-        try:
-          read_all_arrays(self.directory, step)
-        except Exception as e:  # pylint: disable=broad-except
-          failures[step] = self._describe(step, e)
-          continue
-        chosen = step
-        break
+      chosen = next((step for step in steps if self._readable(step, failures)), -1)
     chosen = int(multihost_utils.broadcast_one_to_all(np.int32(chosen)))
     if chosen < 0:
       raise self._none_readable(failures or {s: "unreadable (process 0)" for s in steps})
