@@ -91,7 +91,14 @@ def get_config(arg=None):
       freeze=None,  # Regex(es) over parameter names never to update, e.g. '^Transformer/'.
       lr_multipliers=None,  # ((regex, factor), ...): first match scales the learning rate.
       layer_decay=None,  # e.g. 0.75: block i learns at 0.75^(depth - i) (MAE/BEiT fine-tuning).
+      sam_rho=0.0,  # > 0: SAM, the update from the gradient at a point rho away (e.g. 0.05).
   )
+  # An EMA of the parameters (decay e.g. 0.9998), evaluated beside them as eval_ema/*;
+  # warmup: timm's decay min(decay, 1 - (1 + step / warmup_gamma) ** -warmup_power).
+  config.ema = dict(decay=None, warmup=False, warmup_gamma=1.0, warmup_power=0.75)
+  # Weights of the aux losses a model returns in out['aux_loss'] ({name: weight}, 1.0
+  # for a name not given), e.g. a mixture of experts' load balancing.
+  config.aux_loss_weights = None
 
   # Parallelism (vitjax.train.sharding): mesh axis sizes, -1 = all remaining devices,
   # and the rules preset mapping logical axes to them: 'dp', 'fsdp' or 'fsdp_tp'.

@@ -68,7 +68,7 @@ def fsdp_memory(workdir):
   del workdir
   config = tiny_config(*MESHES["fsdp8"])
   mesh = sharding.make_mesh(config.mesh)
-  model = trainer.build_model(config)
+  model = train_lib.build_model(config)
   with sharding.mesh_context(mesh, sharding.logical_rules(config)):
     state, _, _, _ = trainer._init_state(config, model, mesh, jax.random.PRNGKey(0))  # pylint: disable=protected-access
   leaves = jax.tree_util.tree_leaves({"params": state["params"], "opt_state": state["opt_state"]})

@@ -180,9 +180,10 @@ def test_translation_moves_content_within_padding():
   image = np.zeros((1, 6, 6, 1), np.float32)
   image[0, 2, 3] = 1.0
   rng = np.random.default_rng(0)
+  padded = preprocess.pad(image, 2)
   positions = set()
-  for _ in range(20):
-    cropped = preprocess.random_crop(rng, image, size=6, padding=2)
+  for _ in range(20):  # As the pipeline crops: offsets in [0, 2 * padding].
+    cropped = preprocess.crop(padded, rng.integers(0, 5, size=(1, 2)), size=6)
     assert cropped.shape == image.shape and cropped.sum() == 1.0
     row, column = np.argwhere(cropped[0, :, :, 0])[0]
     assert abs(row - 2) <= 2 and abs(column - 3) <= 2

@@ -32,7 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
 
 # A config file for the subprocess runs: the quickstart, tiny. 40 steps, a checkpoint
-# every 5, a metrics row every step (the test watches them to pick its moment).
+# every 5, a metrics row every step (the test watches them to pick its moment); with
+# an EMA (warmed up) and SAM, so that the state beyond params resumes bitwise too.
 TINY_CONFIG = f'''
 from vitjax import config as config_lib
 
@@ -42,7 +43,8 @@ def get_config(arg=None):
     config.model.update(width=32, depth=1, mlp_dim=64, num_heads=2)
   config_lib.apply_overrides(config, [
       "batch_size=16", "eval_batch_size=120", "log_every=1", "eval_every=0",
-      "checkpoint_every=5", "optimizer.warmup_steps=5"])
+      "checkpoint_every=5", "optimizer.warmup_steps=5", "ema.decay=0.9", "ema.warmup=True",
+      "optimizer.sam_rho=0.05"])
   config.evaluators = {{}}  # The parameters are compared, not accuracies.
   return config
 '''
@@ -129,8 +131,9 @@ def test_sigkill_at_a_random_step_then_rerun_ends_bitwise_like_an_uninterrupted_
   # (40, the end, only if this machine stalled the test for the run's last 20 steps.)
   assert 5 <= resumed_from <= 40 and resumed_from % 5 == 0, (kill_after, resumed.stdout)
 
-  assert_trees_equal(checkpoints_lib.load_params(str(tmp_path / "straight")),
-                     checkpoints_lib.load_params(str(workdir)))
+  for ema in (False, True):
+    assert_trees_equal(checkpoints_lib.load_params(str(tmp_path / "straight"), ema=ema),
+                       checkpoints_lib.load_params(str(workdir), ema=ema))
   # Same batches in the same order: the loss of every step is bitwise the same.
   losses = lambda d: [(r["step"], r["train/loss"]) for r in train_rows(str(d))]
   assert losses(workdir) == losses(tmp_path / "straight")

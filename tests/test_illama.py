@@ -61,16 +61,16 @@ def numpy_illama_block(p, x):
 
 
 def test_block_matches_numpy_llama_block():
-  block = vit.Encoder1DBlock(mlp_dim=MLP, num_heads=HEADS, norm="rmsnorm", mlp="swiglu",
-                             mlp_use_bias=False, causal=True, rope="1d")
+  block = vit.vit_block(mlp_dim=MLP, num_heads=HEADS, norm="rmsnorm", mlp="swiglu",
+                        mlp_use_bias=False, causal=True, rope="1d")
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, WIDTH))
   positions = vitjax.models.posemb.sequence_positions(7)
   noise = np.random.default_rng(0)  # Perturbs the ones/zeros inits so every parameter matters.
   params = jax.tree_util.tree_map(
       lambda a: np.asarray(a) + 0.1 * noise.standard_normal(a.shape, np.float32),
-      flax.linen.unbox(jax.jit(lambda rng: block.init(rng, x, True, None, positions))(
+      flax.linen.unbox(jax.jit(lambda rng: block.init(rng, x, {"positions": positions}))(
           jax.random.PRNGKey(1))["params"]))
-  got = jax.jit(lambda p: block.apply({"params": p}, x, True, None, positions))(params)
+  got, _ = jax.jit(lambda p: block.apply({"params": p}, x, {"positions": positions}))(params)
   want = numpy_illama_block(params, np.asarray(x, np.float64))
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   # LLaMA's layout: RMSNorm has a scale only, the SwiGLU no biases, attention keeps them.
@@ -173,5 +173,19 @@ def test_bad_options_name_the_fix():
   with pytest.raises(ValueError, match="num_registers=0"):
     vitjax.create_model("vit", class_token_position="last", num_registers=2, **TINY).init(
         jax.random.PRNGKey(0), images)
-  with pytest.raises(ValueError, match="'layernorm' or 'rmsnorm'"):
+  with pytest.raises(ValueError, match="'layernorm', 'rmsnorm'"):
     vitjax.create_model("vit", norm="batchnorm", **TINY).init(jax.random.PRNGKey(0), images)
+  # Once silently ignored: the class token cannot go last when there is none.
+  with pytest.raises(ValueError, match="pool_type='token' or class_token_position='first'"):
+    vitjax.create_model("vit", class_token_position="last", pool_type="gap", **TINY).init(
+        jax.random.PRNGKey(0), images)
+
+
+def test_training_without_the_step_is_an_error_not_a_dropped_soft_mask(tiny_illama):
+  model, params = tiny_illama
+  images = jnp.zeros((1, 16, 16, 3))
+  with pytest.raises(ValueError, match="call it with train=True, step=STEP"):
+    model.apply({"params": params}, images, train=True)
+  _, out = model.apply({"params": params}, images, train=True, step=10)
+  np.testing.assert_allclose(out["soft_mask_weight"], 0.9)
+  model.apply({"params": params}, images)  # Evaluation is causal and needs no step.

@@ -14,7 +14,6 @@ import vitjax
 from vitjax import config as config_lib
 from vitjax import train as train_lib
 from vitjax.train import checkpoints as checkpoints_lib
-from vitjax.train import trainer as trainer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
@@ -47,7 +46,7 @@ def workdir(trained, tmp_path):
 
 
 def model(**overrides):
-  return trainer_lib.build_model(tiny_config()).clone(**overrides)
+  return train_lib.build_model(tiny_config()).clone(**overrides)
 
 
 def saved_params(workdir, step):

@@ -77,3 +77,36 @@ def test_xla_gradients_match_numpy():
               np.einsum("bhqk,bqhd->bkhd", weights, g64))
   for got, want in zip(grads, expected):
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu", "metal"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_auto_picks_xla_where_nothing_was_measured(monkeypatch, platform, dtype):
+  """'auto' runs only what BENCHMARKS.md measured on the platform: nothing yet on TPUs
+  and GPUs (nor on platforms vitjax has never seen), so 'xla' there."""
+  monkeypatch.setattr(jax, "default_backend", lambda: platform)
+  keys = jax.random.split(jax.random.PRNGKey(2), 3)
+  q, k, v = (jax.random.normal(key, (2, 9, 2, 64), dtype) for key in keys)
+  assert ops.default_implementation(q) == "xla"
+
+  def fail(*args, **kwargs):
+    raise AssertionError("'auto' called the Pallas kernels")
+  monkeypatch.setattr(ops.attention.flash_attention, "flash_attention", fail)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", fail)  # The cuDNN path.
+  for implementation in (None, "auto"):
+    got = ops.dot_product_attention(q, k, v, causal=True, implementation=implementation)
+    want = ops.dot_product_attention(q, k, v, causal=True, implementation="xla")
+    np.testing.assert_array_equal(got, want)
+
+
+def test_auto_choices_cite_a_measured_row():
+  """Every entry of the table names an implementation and the BENCHMARKS.md table behind it."""
+  for platform, choices in ops.AUTO_CHOICES.items():
+    assert choices, platform
+    for implementation, dtypes, max_head_dim, source in choices:
+      assert implementation in ops.IMPLEMENTATIONS
+      assert dtypes and max_head_dim > 0
+      assert source.startswith("BENCHMARKS.md"), (platform, implementation)
+  assert "tpu" not in ops.AUTO_CHOICES and "gpu" not in ops.AUTO_CHOICES  # Never measured.
+  q = jnp.zeros((1, 4, 1, 64))
+  assert ops.default_implementation(q, backend="cpu") == "xla"

@@ -51,6 +51,15 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
       "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/value/kernel"])
 
 
+def test_learned_rope_frequencies_get_no_weight_decay():
+  model = vitjax.create_model("vit", variant="mu/4", depth=1, num_classes=3, image_size=8,
+                              rope="mixed")
+  mask = optim.decay_mask(vitjax.models.param_shapes(model))
+  flat = {optim.path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  rope = [name for name in flat if name.endswith("/rope_frequencies")]
+  assert rope and not any(flat[name] for name in rope)
+
+
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
 def test_decay_applies_only_to_masked_parameters(name):
   params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}}

@@ -224,5 +224,5 @@ def test_lit_training_keeps_the_locked_image_tower_bitwise(tmp_path):
   assert set(flat) == set(expected) - {"head/kernel", "head/bias"}  # LiT: no image head.
   for name, value in flat.items():
     np.testing.assert_array_equal(np.asarray(value), expected[name], err_msg=name)
-  initial = vitjax.init_params(trainer.build_model(config), rng=0)
+  initial = vitjax.init_params(vitjax.train.build_model(config), rng=0)
   assert not np.allclose(params["txt"]["head"]["kernel"], initial["txt"]["head"]["kernel"])

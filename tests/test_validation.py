@@ -78,6 +78,11 @@ def test_shipped_digits_configs_pass(tmp_path, spec):
     ("input.inception_crop_scale=(0.5,0.1)", "min <= max", "--config.input.inception_crop_scale="),
     ("input.random_erasing_mode=pixels", "'pixel', 'rand', 'const'",
      "--config.input.random_erasing_mode=pixel"),
+    ("optimizer.sam_rho=-0.05", "a number >= 0", "--config.optimizer.sam_rho=0.05"),
+    ("ema.decay=1.0", "a number in (0, 1), or None (no EMA)", "--config.ema.decay=0.9998"),
+    ("ema.decay=0", "a number in (0, 1)", "--config.ema.decay="),
+    ("ema.warmup_gamma=0.0", "a number > 0", "--config.ema.warmup_gamma=1.0"),
+    ("ema.warmup_power=-1.0", "a number > 0", "--config.ema.warmup_power=0.75"),
 ])
 def test_out_of_range_values_name_key_value_range_and_fix(tmp_path, override, allowed, fix):
   key, _, _ = override.partition("=")
@@ -159,7 +164,7 @@ def test_parameter_patterns_must_match(tmp_path, override, match):
 
 @pytest.mark.parametrize("override, match", [
     ("model.variant=Q/16", "config.model: Unknown ViT variant 'Q/16': expected SIZE/PATCH"),
-    ("model.pool_type=tok", "config.model: Unknown pool_type 'tok'; use 'token', 'gap'"),
+    ("model.pool_type=tok", "config.model: Unknown pool_type 'tok'; use one of: 'token', 'gap'"),
     ("model.variant=mu/5", "16x16 images are not a whole number of 5x5 patches"),
 ])
 def test_model_options_the_model_rejects_when_it_runs(tmp_path, override, match):
@@ -256,10 +261,27 @@ def test_init_paths_must_exist(tmp_path):
   existing = tmp_path / "weights.npz"
   existing.write_bytes(b"")  # Read later, by the trainer: validation only checks it is there.
   validation.validate(quickstart(f"init={existing}"), str(tmp_path / "run"))
-  config = quickstart(f"init={existing}")
+  config = quickstart()
   with config.unlocked():
-    config.init_weights = missing
-  assert "disagree; set only config.init" in validation_error(config, tmp_path)
+    config.init_weights = str(existing)  # Its old name: no longer read, so an error.
+  assert (validation_error(config, tmp_path)
+          == "config.init_weights is not a vitjax key: set config.init instead.")
+
+
+def test_ema_keys_are_known_ones_and_valid_settings_pass(tmp_path):
+  config = quickstart()
+  with config.unlocked():
+    config.ema.decy = 0.999  # A typo in a config file (on the command line: unknown key).
+  assert validation_error(config, tmp_path).startswith(
+      "config.ema.decy is not a key of config.ema (its keys: decay, warmup, warmup_gamma, "
+      "warmup_power). Did you mean config.ema.decay?")
+  assert validation_error(quickstart("aux_loss_weights={'load_balance':-1}"), tmp_path) == (
+      "config.aux_loss_weights={'load_balance': -1}: must be a dict {name: weight >= 0}, or "
+      "None (all 1.0). Set it in the config file or on the command line, e.g. "
+      "--config.aux_loss_weights=\"{'load_balance':0.01}\".")
+  validation.validate(quickstart("ema.decay=0.9998", "ema.warmup=True", "optimizer.sam_rho=0.05",
+                                 "aux_loss_weights={'load_balance':0.01}"),
+                      str(tmp_path / "run"))
 
 
 def test_workdir_that_is_a_file_or_under_a_file(tmp_path):
@@ -284,6 +306,7 @@ def test_train_validates_before_writing(tmp_path):
     ("log_every=0", "config.log_every=0: must be an integer >= 1"),
     ("optimizer.freeze=encoder_block", "pattern 'encoder_block' matches no parameter"),
     ("model.num_classes=5", "--config.model.num_classes=10"),
+    ("ema.decy=0.99", "Unknown config key 'ema.decy'. Did you mean 'ema.decay'?"),
 ])
 def test_cli_bad_value_exits_2_and_writes_nothing(tmp_path, override, message):
   workdir = tmp_path / "w"

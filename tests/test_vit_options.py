@@ -61,13 +61,13 @@ def numpy_block(p, x, *, parallel, qk_norm, layer_scale):
     (False, False, True, None), (True, True, False, None), (False, True, True, 0.1),
     (True, False, True, 0.5)])
 def test_block_matches_numpy(parallel, qk_norm, use_bias, layer_scale):
-  block = vit.Encoder1DBlock(mlp_dim=MLP, num_heads=HEADS, parallel=parallel, qk_norm=qk_norm,
-                             use_bias=use_bias, layer_scale_init=layer_scale)
+  block = vit.vit_block(mlp_dim=MLP, num_heads=HEADS, parallel_block=parallel, qk_norm=qk_norm,
+                        use_bias=use_bias, layer_scale_init=layer_scale)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, WIDTH))
   params = jax.tree_util.tree_map(  # Perturb the ones/zeros inits so every parameter matters.
       lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(a.size), a.shape),
       flax.linen.unbox(block.init(jax.random.PRNGKey(1), x)["params"]))
-  got = block.apply({"params": params}, x)
+  got, _ = block.apply({"params": params}, x)
   want = numpy_block(params, np.asarray(x, np.float64), parallel=parallel, qk_norm=qk_norm,
                      layer_scale=layer_scale)
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
@@ -93,9 +93,9 @@ def test_registers_are_extra_tokens_outside_the_patch_tokens():
 
 
 def test_register_names_are_registered():
-  model = vitjax.create_model("vit_small_patch16_reg4_224")
+  model = vitjax.create_model("vit", variant="S/16", num_registers=4)
   assert model.num_registers == 4 and model.width == 384
-  assert "vit_base_patch16_reg4_224" in vitjax.list_models("*reg4*")
+  assert "vit_base_patch14_reg4_dinov2" in vitjax.list_models("*reg4*")
 
 
 def numpy_rope(x, positions, frequencies):

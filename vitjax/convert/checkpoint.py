@@ -15,8 +15,9 @@ from flax import traverse_util
 import jax
 import numpy as np
 
-from vitjax.convert import big_vision, files, mae, mismatch, mixer, pytorch, swin
+from vitjax.convert import big_vision, clip, files, mae, mismatch, mixer, pytorch, swin
 from vitjax.convert.files import CheckpointError
+from vitjax.convert.mismatch import CheckpointMismatchError
 from vitjax.models import dummy_input, param_shapes
 from vitjax.models.swin import SwinTransformer
 from vitjax.models.two_towers import TwoTowers
@@ -28,10 +29,6 @@ _LAYOUTS = (  # Name, and a parameter every ViT of that layout has.
     ("timm", pytorch.TIMM_ANCHOR),
     ("Hugging Face transformers", pytorch.HF_ANCHOR),
 )
-
-
-class CheckpointMismatchError(CheckpointError):
-  """A checkpoint whose parameters do not fit the model; the message lists each difference."""
 
 
 # What load_weights does with a checkpoint's classifier head (`head=`).
@@ -72,8 +69,8 @@ def load_weights(model, path, *, head="error", rng=0):
   if isinstance(model, SwinTransformer):  # Its own names and stages: vitjax.convert.swin.
     return swin.load_swin_weights(model, path, head=head, rng=rng)
   if isinstance(model, TwoTowers):  # CLIP / SigLIP / LiT, or one tower: vitjax.convert.clip.
-    from vitjax.convert import clip  # pylint: disable=g-import-not-at-top
-    return clip.load_two_towers(model, path, head=head, rng=rng)
+    # Its image tower may come from any file load_weights reads: clip is handed this function.
+    return clip.load_two_towers(model, path, head=head, rng=rng, load_weights=load_weights)
   arrays, source = files.read_checkpoint(path)
   if mae.is_masked_model(model):  # MAE / SimMIM: vitjax.convert.mae.
     return mae.load_masked_weights(model, arrays, source, head=head, rng=rng)
@@ -220,23 +217,37 @@ def _is_square(n):
 
 
 def _fit_posemb(params, model, template):
-  """Gives the checkpoint's position embeddings the model's prefix layout and grid."""
+  """Gives the checkpoint's position embeddings the model's prefix rows and grid.
+
+  A checkpoint holds rows for the prefix (class, distillation) tokens and the grid,
+  or for the grid only (big_vision; timm's no_embed_class, DeiT III, rope-vit);
+  the model wants prefix rows unless `class_posemb=False`. A missing prefix row is
+  zeros; an unwanted one is added into its token (the token only ever appears with
+  it: timm converts DINOv2 this way), so the outputs are the same either way.
+  """
   posemb = params.get("pos_embedding")
   if posemb is None or "pos_embedding" not in template or np.ndim(posemb) != 3:
     return params
   params = dict(params)
-  num_prefix = int("cls" in params) + int("dist" in params)
+  prefix_names = [name for name in ("cls", "dist") if name in params]
+  num_prefix = len(prefix_names)
+  model_prefix = model.num_prefix_tokens if getattr(model, "class_posemb", True) else 0
   length = posemb.shape[1]
-  if num_prefix and not _is_square(length - num_prefix) and _is_square(length):
-    # Grid only (big_vision; timm's no_embed_class): the class token carries its own
-    # position embedding already, so zeros for the prefix give identical outputs.
+  has_prefix_rows = num_prefix and not (not _is_square(length - num_prefix)
+                                        and _is_square(length))
+  if has_prefix_rows and not model_prefix:
+    for i, name in enumerate(prefix_names):
+      params[name] = params[name] + posemb[:, i:i + 1]
+    posemb = posemb[:, num_prefix:]
+  elif num_prefix and model_prefix and not has_prefix_rows:
     posemb = np.concatenate([np.zeros((1, num_prefix, posemb.shape[2]), posemb.dtype), posemb],
                             axis=1)
+  rows = num_prefix if model_prefix else 0
   target = template["pos_embedding"].shape
   if (posemb.shape != target and posemb.shape[2] == target[2]
-      and num_prefix == model.num_prefix_tokens and _is_square(posemb.shape[1] - num_prefix)):
-    side = math.isqrt(target[1] - num_prefix)
-    posemb = np.asarray(resize_posemb(np.asarray(posemb, np.float32), (side, side), num_prefix,
+      and _is_square(target[1] - rows) and _is_square(posemb.shape[1] - rows)):
+    side = math.isqrt(target[1] - rows)
+    posemb = np.asarray(resize_posemb(np.asarray(posemb, np.float32), (side, side), rows,
                                       getattr(model, "posemb_resize", "bilinear")))
   params["pos_embedding"] = posemb
   return params

@@ -11,15 +11,16 @@ have one: it is loaded as zeros, which computes the same thing.
 """
 
 from collections.abc import Mapping
+import functools
 
 import flax.linen
 from flax import traverse_util
 import jax
 import numpy as np
 
+from vitjax import models
 from vitjax.convert import files, mismatch, pytorch
 from vitjax.convert.files import CheckpointError
-from vitjax.models import param_shapes
 from vitjax.models import two_towers
 from vitjax.models.text import TextTransformer
 
@@ -70,16 +71,10 @@ def is_hf_two_towers(arrays):
 
 def image_tower(model):
   """The image tower of a TwoTowers `model`, as a standalone module (for load_weights)."""
-  from vitjax import models  # pylint: disable=g-import-not-at-top
   options = dict(model.image)
   options["num_classes"] = model.embed_dim if model.image_projection else 0
   options.setdefault("head_zeroinit", False)
   return models.create_model(model.image_model, **options)
-
-
-def text_tower(model):
-  return TextTransformer(**{"num_classes": model.embed_dim if model.text_projection else 0,
-                            **model.text})
 
 
 def hf_to_vitjax(arrays, image_heads, text_heads):
@@ -111,7 +106,7 @@ def hf_to_vitjax(arrays, image_heads, text_heads):
   return {n: _RESHAPE[n](np.asarray(v)) if n in _RESHAPE else v for n, v in out.items()}
 
 
-def load_two_towers(model, path, *, head="error", rng=0):
+def load_two_towers(model, path, *, head="error", rng=0, load_weights):
   """Parameters of a TwoTowers `model` from a file, or from one file per tower.
 
   `path` is an HF CLIPModel / SiglipModel state dict (.safetensors, .bin, or a
@@ -121,13 +116,17 @@ def load_two_towers(model, path, *, head="error", rng=0):
   `vitjax.load_weights` reads (with `head`, e.g. 'reinit' to drop a classifier),
   the text tower from a vitjax two-tower file. Any other checkpoint is taken as
   the image tower's (LiT from a supervised ViT: `path='vit.npz'`).
+
+  `load_weights` is `vitjax.load_weights`, which calls this function and hands
+  itself in to read the image tower (this module sits below it).
   """
   if isinstance(rng, (int, np.integer)):
     rng = jax.random.PRNGKey(rng)
-  template = traverse_util.flatten_dict(param_shapes(model), sep="/")
+  template = traverse_util.flatten_dict(models.param_shapes(model), sep="/")
+  towers = functools.partial(_load_towers, model, head=head, rng=rng, template=template,
+                             load_weights=load_weights)
   if isinstance(path, Mapping) or hasattr(path, "to_dict"):
-    paths = dict(path.to_dict() if hasattr(path, "to_dict") else path)
-    return _load_towers(model, paths, head, rng, template)
+    return towers(dict(path.to_dict() if hasattr(path, "to_dict") else path))
   arrays, source = files.read_checkpoint(path)
   if is_hf_two_towers(arrays):
     prefix = _wrapper_prefix(arrays, "text_model.embeddings.token_embedding.weight")
@@ -140,7 +139,7 @@ def load_two_towers(model, path, *, head="error", rng=0):
     params = {n[len(prefix):]: v for n, v in arrays.items() if n.startswith(prefix)}
     what = f"The {source.describe('vitjax two-tower')}"
   else:  # An image model's checkpoint (LiT): the image tower from it, the rest fresh.
-    return _load_towers(model, {"img": path}, head, rng, template)
+    return towers({"img": path})
   # HF CLIP's bias-free layers are vitjax layers with a zero bias.
   for name, shape in template.items():
     if name.endswith("/bias") and name not in params and name[:-5] + "/kernel" in params:
@@ -156,15 +155,14 @@ def _wrapper_prefix(arrays, anchor):
   return prefixes.pop()
 
 
-def _load_towers(model, paths, head, rng, template):
+def _load_towers(model, paths, *, head, rng, template, load_weights):
   unknown = set(paths) - {"img", "txt"}
   if unknown:
     raise ValueError(f"Per-tower weights take the keys 'img' and 'txt'; got {sorted(unknown)}.")
-  from vitjax.convert import checkpoint  # pylint: disable=g-import-not-at-top  (imports us)
   fresh = jax.jit(lambda rng: flax.linen.unbox(model.init(rng, None)["params"]))(rng)
   params = traverse_util.flatten_dict(jax.device_get(fresh), sep="/")
   if paths.get("img"):
-    tower = checkpoint.load_weights(image_tower(model), paths["img"], head=head, rng=rng)
+    tower = load_weights(image_tower(model), paths["img"], head=head, rng=rng)
     params.update({f"img/{n}": v for n, v in
                    traverse_util.flatten_dict(tower, sep="/").items()})
   if paths.get("txt"):
@@ -182,8 +180,7 @@ def _load_towers(model, paths, head, rng, template):
 def _checked(params, template, what):
   message = mismatch.mismatch_message(params, template, what, _hints)
   if message:
-    from vitjax.convert.checkpoint import CheckpointMismatchError  # pylint: disable=g-import-not-at-top
-    raise CheckpointMismatchError(message)
+    raise mismatch.CheckpointMismatchError(message)
   params = {n: np.array(params[n], dtype=t.dtype) for n, t in template.items()}
   return traverse_util.unflatten_dict(params, sep="/")
 

@@ -66,11 +66,11 @@ def read_checkpoint(path):
   """
   expanded = os.path.expanduser(os.fspath(path))
   if os.path.isdir(os.path.join(expanded, "checkpoints")):
-    # Imported here: the trainer's modules (orbax) are needed for workdirs alone.
-    from vitjax.train import checkpoints  # pylint: disable=import-outside-toplevel
+    # Imported here: orbax is needed for workdirs alone.
+    from vitjax.convert import workdir_checkpoints  # pylint: disable=import-outside-toplevel
     try:
-      step, params = checkpoints.load_params_and_step(expanded)
-    except checkpoints.CheckpointError as e:  # The trainer's error, as load_weights documents.
+      step, params = workdir_checkpoints.load_params_and_step(expanded)
+    except workdir_checkpoints.WorkdirCheckpointError as e:  # As load_weights documents.
       raise CheckpointError(str(e)) from None
     flat = traverse_util.flatten_dict(params, sep="/")
     return ({name: np.asarray(value) for name, value in flat.items()},

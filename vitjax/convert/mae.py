@@ -96,9 +96,7 @@ def load_masked_weights(model, arrays, source, *, head="error", rng=0):
   message = mismatch.mismatch_message(params, template, f"The {source.describe(layout)}",
                                       _hints)
   if message:
-    # Imported here: vitjax.convert.checkpoint imports this module.
-    from vitjax.convert import checkpoint  # pylint: disable=import-outside-toplevel
-    raise checkpoint.CheckpointMismatchError(message)
+    raise mismatch.CheckpointMismatchError(message)
   params = {name: np.array(params[name], dtype=t.dtype) for name, t in template.items()}
   return traverse_util.unflatten_dict(params, sep="/")
 

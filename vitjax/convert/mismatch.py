@@ -1,8 +1,14 @@
-"""The error text for a checkpoint that does not fit a model, shared by every family."""
+"""The error for a checkpoint that does not fit a model, and its text, shared by every family."""
 
 import numpy as np
 
+from vitjax.convert.files import CheckpointError
+
 _MAX_LISTED = 25  # Names per section of a mismatch error.
+
+
+class CheckpointMismatchError(CheckpointError):
+  """A checkpoint whose parameters do not fit the model; the message lists each difference."""
 
 
 def mismatch_message(params, template, what, hints):

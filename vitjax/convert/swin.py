@@ -29,6 +29,7 @@ import numpy as np
 
 from vitjax.convert import files, mismatch, pytorch
 from vitjax.convert.files import CheckpointError
+from vitjax.convert.mismatch import CheckpointMismatchError
 from vitjax.models import dummy_input, param_shapes
 
 TIMM_ANCHOR = "patch_embed.proj.weight"
@@ -123,9 +124,7 @@ def load_swin_weights(model, path, *, head="error", rng=0):
   source = files.Source(os.fspath(path), container)
   message = _mismatch_message(params, template, f"The {source.describe(layout + ' Swin')}")
   if message:
-    # Imported here so that vitjax.convert.checkpoint can import this module.
-    from vitjax.convert import checkpoint  # pylint: disable=import-outside-toplevel
-    raise checkpoint.CheckpointMismatchError(message)
+    raise CheckpointMismatchError(message)
   # np.array copies: the arrays may be read-only views of a memory-mapped file.
   params = {name: np.array(params[name], dtype=t.dtype) for name, t in template.items()}
   return traverse_util.unflatten_dict(params, sep="/")

@@ -1,10 +1,9 @@
 """Image preprocessing as pure numpy functions on batches.
 
 Every function takes and returns `images` of shape [N, H, W, C] (float32 unless
-said otherwise), so the same code serves the input pipeline and a notebook. The
-random functions take a `np.random.Generator` and draw all their randomness
-from it up front; the pipeline instead calls the deterministic halves
-(`crop`, `flip`) with parameters it derives from (seed, step).
+said otherwise), so the same code serves the input pipeline and a notebook. They
+are deterministic: the random crop and flip are `crop` and `flip` given offsets
+and flips that the pipeline draws from (seed, step).
 """
 
 import math
@@ -127,7 +126,7 @@ def crop(images: np.ndarray, offsets: np.ndarray, size: int) -> np.ndarray:
     [N, size, size, C].
   """
   # A strided view of every possible window, [N, H', W', C, size, size], then
-  # one gather; about 5x faster than a Python loop of slice copies.
+  # one gather, not a Python loop of slice copies (BENCHMARKS.md, "Preprocessing").
   windows = sliding_window_view(images, (size, size), axis=(1, 2))
   crops = windows[np.arange(len(images)), offsets[:, 0], offsets[:, 1]]
   # The gather keeps the images' channels-last memory order, so for
@@ -135,36 +134,15 @@ def crop(images: np.ndarray, offsets: np.ndarray, size: int) -> np.ndarray:
   return np.ascontiguousarray(np.moveaxis(crops, 1, -1))
 
 
-def random_crop(rng: np.random.Generator, images: np.ndarray, size: int,
-                padding: int, pad_mode: str = "constant") -> np.ndarray:
-  """Pads by `padding` pixels and crops a random [size, size] window per image.
-
-  With images of side `size` this is a random translation by up to `padding`
-  pixels, the standard CIFAR augmentation.
-  """
-  images = pad(images, padding, pad_mode)
-  max_offset = np.array(images.shape[1:3]) - size
-  if np.any(max_offset < 0):
-    raise ValueError(f"Cannot crop {size}x{size} from images of shape "
-                     f"{images.shape} (after padding by {padding}).")
-  offsets = rng.integers(0, max_offset + 1, size=(len(images), 2))
-  return crop(images, offsets, size)
-
-
 def flip(images: np.ndarray, flips: np.ndarray) -> np.ndarray:
   """Mirrors images left-right where the boolean [N] `flips` is True."""
   images = np.ascontiguousarray(images)
   # Viewing each pixel's channels as one opaque element lets numpy mirror whole
-  # pixels instead of moving 3 channel values at a time: about 2x faster.
+  # pixels instead of moving 3 channel values at a time (BENCHMARKS.md, "Preprocessing").
   pixels = images.view(np.dtype((np.void, images.shape[-1] * images.itemsize)))
   output = pixels.copy()
   output[flips] = pixels[flips, :, ::-1]
   return output.view(images.dtype).reshape(images.shape)
-
-
-def random_flip(rng: np.random.Generator, images: np.ndarray) -> np.ndarray:
-  """Mirrors each image left-right with probability 1/2."""
-  return flip(images, rng.random(len(images)) < 0.5)
 
 
 def normalize(images: np.ndarray, mean: Sequence[float],
@@ -174,7 +152,8 @@ def normalize(images: np.ndarray, mean: Sequence[float],
   mean = np.broadcast_to(np.asarray(mean, np.float32), (channels,))
   scale = 1.0 / np.broadcast_to(np.asarray(std, np.float32), (channels,))
   # Broadcasting over a last axis of 3 runs numpy's inner loop 3 elements at a
-  # time; constants tiled over whole rows of pixels make this ~7x faster.
+  # time; constants tiled over whole rows of pixels run it a row at a time
+  # (BENCHMARKS.md, "Preprocessing").
   rows = images.reshape(-1, width * channels)
   rows = (rows - np.tile(mean, width)) * np.tile(scale, width)
   return rows.reshape(images.shape)

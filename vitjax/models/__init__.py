@@ -2,207 +2,85 @@
 
     create_model('vit_base_patch16_224')                  # timm name, timm defaults
     create_model('vit', variant='B/16', num_classes=10)   # big_vision style
+
+The registry itself is `vitjax.models.registry`; this module registers vitjax's
+families and names.
 """
-
-import dataclasses
-import difflib
-import fnmatch
-from typing import Any, Callable, Dict
-
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 
 from vitjax.models import mae
 from vitjax.models import mixer
 from vitjax.models import swin
 from vitjax.models import two_towers
 from vitjax.models import vit
+from vitjax.models.registry import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD,
+                                    INCEPTION_MEAN, INCEPTION_STD, ModelEntry,
+                                    UnknownModelError, UnknownOptionError, closest_models,
+                                    count_params, create_model, describe_family_default,
+                                    dummy_input, families, family_default, init_params,
+                                    list_models, model_entry, name_patterns, param_shapes,
+                                    register, register_family)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INCEPTION_MEAN = (0.5, 0.5, 0.5)
-INCEPTION_STD = (0.5, 0.5, 0.5)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's preprocessing.
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class UnknownModelError(ValueError):
-  """A model name that is not registered; the message lists the closest ones."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelEntry:
-  """How to build a registered model, and what its published weights expect."""
-  name: str
-  module: Callable[..., Any]  # A flax.linen.Module class.
-  defaults: Dict[str, Any]
-  mean: tuple = IMAGENET_MEAN
-  std: tuple = IMAGENET_STD
-  paper: str = ""
-  # Evaluation preprocessing of the published weights (timm's pretrained configs): resize
-  # the shorter side to image_size / crop_pct, centre-crop image_size, with this resampling.
-  crop_pct: float = 0.9
-  interpolation: str = "bicubic"
-
-
-_REGISTRY: Dict[str, ModelEntry] = {}
-# Families built from a `variant` string, big_vision style: name -> (module, decoder, the
-# decoder's size table).
-_FAMILIES = {"vit": (vit.VisionTransformer, vit.decode_variant, vit.SIZES),
-             "deit": (vit.VisionTransformer, vit.decode_variant, vit.SIZES),
-             "mixer": (mixer.MlpMixer, mixer.decode_variant, mixer.SIZES),
-             "mae": (mae.MaskedAutoencoder, vit.decode_variant, vit.SIZES),
-             "simmim": (mae.SimMIM, vit.decode_variant, vit.SIZES)}
-
-
-def register(name, module, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, paper="", crop_pct=None,
-             interpolation="bicubic", **defaults):
-  """Registers `name`; crop_pct None is timm's usual 0.9, or 1.0 from 384 pixels up."""
-  if name in _REGISTRY or name in _FAMILIES:
-    raise ValueError(f"Model {name!r} is registered twice.")
-  if crop_pct is None:
-    crop_pct = 1.0 if defaults.get("image_size", 224) >= 384 else 0.9
-  _REGISTRY[name] = ModelEntry(name, module, defaults, tuple(mean), tuple(std), paper,
-                               crop_pct, interpolation)
-
-
-def list_models(pattern="*"):
-  """Sorted registered names matching a shell-style pattern, e.g. 'deit_*'."""
-  names = list(_REGISTRY) + list(_FAMILIES)
-  return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
-
-
-def model_entry(name):
-  if name not in _REGISTRY:
-    raise _unknown(name)
-  return _REGISTRY[name]
-
-
-def create_model(name, **overrides):
-  """Returns the linen Module registered as `name`, with `overrides` on its defaults.
-
-  For a family name (`'vit'`), `variant='B/16'` picks the size and patch; any
-  explicit field (`width=...`) wins over the variant.
-  """
-  if name in _FAMILIES:
-    module, decode, _ = _FAMILIES[name]
-    variant = overrides.pop("variant", None)
-    config = decode(variant) if variant else {}
-    if name == "deit":
-      config["distilled"] = True
-    config.update(overrides)
-  elif name in _REGISTRY:
-    entry = _REGISTRY[name]
-    module = entry.module
-    if "variant" in overrides:
-      raise TypeError(f"Model {name!r} has a fixed size; 'variant' applies only to the "
-                      f"families {', '.join(sorted(_FAMILIES))}.")
-    config = {**entry.defaults, **overrides}
-  else:
-    raise _unknown(name)
-  fields = {f.name for f in dataclasses.fields(module)} - {"parent", "name"}
-  unknown = sorted(set(config) - fields)
-  if unknown:
-    hints = [f"{k!r} (did you mean {', '.join(map(repr, difflib.get_close_matches(k, fields, 3)))}?)"
-             if difflib.get_close_matches(k, fields, 3) else repr(k) for k in unknown]
-    raise TypeError(f"Unknown option(s) for model {name!r}: {', '.join(hints)}. "
-                    f"Valid options: {', '.join(sorted(fields))}.")
-  return module(**config)
-
-
-def closest_models(name, n=5):
-  """Up to `n` registered names like `name` (a name or a shell pattern), closest first."""
-  return difflib.get_close_matches(name.strip("*?").lower(), list_models(), n=n, cutoff=0.5)
-
-
-def name_patterns():
-  """One shell pattern per name prefix ('deit_*', 'vit_*', ...), for when no name is close."""
-  return sorted({name.split("_")[0] + "_*" for name in _REGISTRY})
-
-
-def _unknown(name):
-  close = closest_models(name)
-  hint = (f" Closest: {', '.join(close)}." if close else
-          f" None is close; the names match {', '.join(name_patterns())}.")
-  return UnknownModelError(
-      f"Unknown model {name!r}.{hint} See vitjax.list_models() for all names.")
-
-
-def family_default(name, **overrides):
-  """(variant, fields) of what `create_model(name, **overrides)` builds for a family.
-
-  Without a `variant`, the module's field defaults decide the size; `variant` is
-  their name in the family's size table (e.g. 'B/16'), None if they match no size.
-  """
-  module, decode, sizes = _FAMILIES[name]
-  model = create_model(name, **overrides)
-  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(module)
-            if f.name not in ("parent", "name")}
-  variant = None
-  for size in sizes:
-    candidate = f"{size}/{model.patch_size}"
-    if all(fields[k] == v for k, v in decode(candidate).items()):
-      variant = candidate
-      break
-  return variant, fields
-
-
-def describe_family_default(name, **overrides):
-  """One line: the variant and main options a family name without a variant builds."""
-  variant, fields = family_default(name, **overrides)
-  shown = ("image_size", "num_classes", "pool_type", "posemb", "distilled", "mask_ratio")
-  options = ", ".join(f"{k}={fields[k]!r}" for k in shown if k in fields)
-  return (f"{name!r} without a variant builds {_FAMILIES[name][0].__name__}"
-          f"(variant={variant!r}, {options})")
-
-
-def dummy_input(model, batch_size=1):
-  """Zeros of the model's default input shape (NHWC), for init and shape checks."""
-  size = getattr(model, "image_size", 224)
-  return jnp.zeros((batch_size, size, size, getattr(model, "in_channels", 3)), jnp.float32)
-
-
-def init_params(model, rng=0, batch_size=1):
-  """Initialised parameters of `model` (jitted; a seed or a PRNG key), as plain arrays."""
-  if isinstance(rng, int):
-    rng = jax.random.PRNGKey(rng)
-  variables = jax.jit(model.init)(rng, dummy_input(model, batch_size))
-  return nn.unbox(variables["params"])
-
-
-def param_shapes(model, *, boxed=False):
-  """Parameter shapes and dtypes without computing anything (jax.eval_shape).
-
-  With `boxed=True` each leaf keeps its logical axis names (flax's
-  LogicallyPartitioned), which `nn.get_partition_spec` turns into specs.
-  """
-  if boxed:
-    return jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy_input(model))["params"]
-  # Unboxed while traced: outside a trace, unboxing under a mesh (the trainer's) fails.
-  return jax.eval_shape(lambda rng, x: nn.unbox(model.init(rng, x)["params"]),
-                        jax.random.PRNGKey(0), dummy_input(model))
-
-
-def count_params(params):
-  return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+register_family("vit", vit.VisionTransformer, vit.decode_variant, vit.SIZES)
+register_family("deit", vit.VisionTransformer, vit.decode_variant, vit.SIZES, distilled=True)
+register_family("mixer", mixer.MlpMixer, mixer.decode_variant, mixer.SIZES)
+register_family("mae", mae.MaskedAutoencoder, vit.decode_variant, vit.SIZES)
+register_family("simmim", mae.SimMIM, vit.decode_variant, vit.SIZES)
 
 
 def _register_vits():
-  sizes = {"tiny": "Ti", "small": "S", "medium": "M", "base": "B", "large": "L",
-           "huge": "H", "giant": "g", "gigantic": "G"}
-  for size_name, size in sizes.items():
-    for patch in (8, 14, 16, 32):
-      for resolution in (224, 384):
-        register(f"vit_{size_name}_patch{patch}_{resolution}", vit.VisionTransformer,
-                 mean=INCEPTION_MEAN, std=INCEPTION_STD,
-                 paper="An Image is Worth 16x16 Words (Dosovitskiy et al., 2021)",
-                 image_size=resolution, **vit.decode_variant(f"{size}/{patch}"))
+  """timm's ViT and DeiT names, each with the defaults of timm's model of that name.
+
+  Only names timm registers (tests/test_timm_names.py pins each one's parameter count to
+  timm's); any other size, patch or resolution is a family member:
+  create_model('vit', variant='L/8', image_size=384).
+  """
+  sizes = {"tiny": "Ti", "small": "S", "base": "B", "large": "L", "huge": "H", "giant": "g",
+           "gigantic": "G"}
+  vit_paper = "An Image is Worth 16x16 Words (Dosovitskiy et al., 2021)"
+  dino_paper = "Emerging Properties in Self-Supervised Vision Transformers (Caron et al., 2021)"
+  for name in ("vit_tiny_patch16_224", "vit_tiny_patch16_384", "vit_small_patch8_224",
+               "vit_small_patch16_224", "vit_small_patch16_384", "vit_small_patch32_224",
+               "vit_small_patch32_384", "vit_base_patch8_224", "vit_base_patch16_224",
+               "vit_base_patch16_384", "vit_base_patch32_224", "vit_base_patch32_384",
+               "vit_large_patch14_224", "vit_large_patch16_224", "vit_large_patch16_384",
+               "vit_large_patch32_224", "vit_large_patch32_384", "vit_huge_patch14_224",
+               "vit_giant_patch14_224", "vit_gigantic_patch14_224"):
+    _, size_name, patch, resolution = name.split("_")
+    config = dict(image_size=int(resolution),
+                  **vit.decode_variant(f"{sizes[size_name]}/{patch[len('patch'):]}"))
+    options = dict(mean=INCEPTION_MEAN, std=INCEPTION_STD, paper=vit_paper)
+    # Headless in timm, as their default weights are: the original ImageNet-21k ViT-L/32
+    # and ViT-H/14, and DINO's ViT-S/8 (ImageNet mean and std).
+    if name in ("vit_large_patch32_224", "vit_huge_patch14_224"):
+      config["num_classes"] = 0
+    if name == "vit_small_patch8_224":
+      config["num_classes"] = 0
+      options = dict(paper=dino_paper)
+    register(name, vit.VisionTransformer, **options, **config)
+
+  # Self-supervised ViTs without a head: DINOv2 (518 px; ViT-g is its own size, SwiGLU
+  # MLP with biases), DINOv2 with registers (position embeddings of the patches only), and
+  # I-JEPA's average-pooled encoders (no class token).
+  dinov2_paper = "DINOv2: Learning Robust Visual Features without Supervision (Oquab et al., 2024)"
   registers_paper = "Vision Transformers Need Registers (Darcet et al., 2024)"
-  for size_name, size in (("tiny", "Ti"), ("small", "S"), ("base", "B"), ("large", "L")):
-    register(f"vit_{size_name}_patch16_reg4_224", vit.VisionTransformer, mean=INCEPTION_MEAN,
-             std=INCEPTION_STD, paper=registers_paper, image_size=224, num_registers=4,
-             **vit.decode_variant(f"{size}/16"))
+  for size_name, size in (("small", "S"), ("base", "B"), ("large", "L"), ("giant", None)):
+    config = (vit.decode_variant(f"{size}/14") if size else
+              dict(width=1536, depth=40, mlp_dim=4096, num_heads=24, patch_size=14,
+                   mlp="swiglu", mlp_use_bias=True))
+    config.update(image_size=518, layer_scale_init=1e-5, num_classes=0, posemb_resize="bicubic")
+    register(f"vit_{size_name}_patch14_dinov2", vit.VisionTransformer, paper=dinov2_paper,
+             **config)
+    register(f"vit_{size_name}_patch14_reg4_dinov2", vit.VisionTransformer,
+             paper=registers_paper, num_registers=4, class_posemb=False, **config)
+  ijepa_paper = ("Self-Supervised Learning from Images with a Joint-Embedding Predictive "
+                 "Architecture (Assran et al., 2023)")
+  for size_name, size, patch, resolution in (("huge", "H", 14, 224), ("huge", "H", 16, 448),
+                                             ("giant", "g", 16, 224)):
+    register(f"vit_{size_name}_patch{patch}_gap_{resolution}", vit.VisionTransformer,
+             paper=ijepa_paper, image_size=resolution, pool_type="gap", num_classes=0,
+             posemb_resize="bicubic", **vit.decode_variant(f"{size}/{patch}"))
+
+  # DeiT's eval crop is its own (224/256); timm's configs say 0.9.
   deit_paper = "Training data-efficient image transformers (Touvron et al., 2021)"
   for size_name, size, resolutions in (("tiny", "Ti", (224,)), ("small", "S", (224,)),
                                        ("base", "B", (224, 384))):
@@ -213,29 +91,42 @@ def _register_vits():
                  paper=deit_paper, crop_pct=0.875 if resolution == 224 else 1.0,
                  image_size=resolution, distilled=distilled,
                  **vit.decode_variant(f"{size}/16"))
+  # DeiT III: LayerScale, and position embeddings of the patches only.
+  deit3_paper = "DeiT III: Revenge of the ViT (Touvron et al., 2022)"
+  for size_name, size, patch, resolutions in (
+      ("small", "S", 16, (224, 384)), ("medium", "M", 16, (224,)),
+      ("base", "B", 16, (224, 384)), ("large", "L", 16, (224, 384)), ("huge", "H", 14, (224,))):
+    for resolution in resolutions:
+      register(f"deit3_{size_name}_patch{patch}_{resolution}", vit.VisionTransformer,
+               paper=deit3_paper, image_size=resolution, layer_scale_init=1e-6,
+               class_posemb=False, posemb_resize="bicubic",
+               **vit.decode_variant(f"{size}/{patch}"))
 
 
 def _register_rope_vits():
-  """RoPE ViTs: DeiT-III (LayerScale, class token) with 2-D RoPE, by naver's and timm's names.
+  """RoPE ViTs: DeiT-III (LayerScale, class token) with 2-D RoPE, by timm's and naver's names.
 
-  naver-ai/rope-vit's `rope_{axial,mixed}[_ape]_deit_{size}_patch16_LS`, ported to timm as
-  `vit_{size}_patch16_rope[_mixed][_ape]_224`: axial (theta 100) or mixed (learned, theta 10)
-  frequencies, with ('_ape') or without learned absolute position embeddings.
+  timm's `vit_{size}_patch16_rope[_mixed][_ape]_224` are ports of naver-ai/rope-vit's
+  `rope_{axial,mixed}[_ape]_deit_{size}_patch16_LS` (registered here with `_224` for
+  `_LS`): axial (theta 100) or mixed (learned, theta 10) frequencies, with ('_ape') or
+  without learned absolute position embeddings. Those cover the patches only, in both
+  (DeiT III's layout: timm's no_embed_class). LayerScale starts at timm's 1e-5 or naver's
+  1e-4.
   """
   paper = "Rotary Position Embedding for Vision Transformer (Heo et al., 2024)"
   for size_name, size in (("small", "S"), ("base", "B"), ("large", "L")):
     for rope in ("axial", "mixed"):
       for ape in (False, True):
-        config = dict(image_size=224, rope=rope, posemb="learn" if ape else "none",
-                      layer_scale_init=1e-4, **vit.decode_variant(f"{size}/16"))
+        config = dict(image_size=224, rope=rope, **vit.decode_variant(f"{size}/16"))
+        config.update(dict(posemb="learn", class_posemb=False) if ape else dict(posemb="none"))
         tags = ("_mixed" if rope == "mixed" else "") + ("_ape" if ape else "")
         # Another resolution resizes the '_ape' embeddings as each source does: timm's
         # resample_abs_pos_embed (antialiased), naver's F.interpolate (not).
         register(f"vit_{size_name}_patch16_rope{tags}_224", vit.VisionTransformer,
-                 paper=paper, posemb_resize="bicubic", **config)
+                 paper=paper, posemb_resize="bicubic", layer_scale_init=1e-5, **config)
         register(f"rope_{rope}{'_ape' if ape else ''}_deit_{size_name}_patch16_224",
                  vit.VisionTransformer, paper=paper, posemb_resize="bicubic_no_antialias",
-                 **config)
+                 layer_scale_init=1e-4, **config)
 
 
 def _register_illamas():

@@ -26,14 +26,27 @@ class MultiHeadDotProductAttention(nn.Module):
   qk_norm: bool = False  # ViT-22B: LayerNorm over head_dim on queries and keys.
   rope: Optional[str] = None  # Rotary embeddings of q and k: 'axial', 'mixed' (2-D) or '1d'.
   rope_theta: float = 100.0
+  causal: bool = False  # Each query attends to itself and earlier tokens only.
   attention_impl: Optional[str] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv=None, *, bias=None, mask=None,
-               causal=False, deterministic=True, positions=None):
-    """`positions`: ((tokens, 2) x/y positions, (tokens,) rotated) when `rope` is set."""
+  def __call__(self, inputs_q, inputs_kv=None, *, bias=None, mask=None, causal=None,
+               deterministic=True, positions=None, segment_ids=None, token_state=None):
+    """Attention of `inputs_q` over `inputs_kv` (default: self-attention).
+
+    `positions`: ((tokens, 2) x/y positions, (tokens,) rotated) when `rope` is set.
+    `causal` (default: the field) applies unless an additive `bias` is given: a
+    bias replaces the causal mask (iLLaMA's soft mask carries its own). As a
+    block's token mixer, the attention reads `positions`, `attention_bias` and
+    `segment_ids` from the token state (see vitjax.models.parts).
+    """
+    if token_state:
+      positions = token_state.get("positions", positions)
+      bias = token_state.get("attention_bias", bias)
+      segment_ids = token_state.get("segment_ids", segment_ids)
+    causal = (self.causal if causal is None else causal) and bias is None
     if inputs_kv is None:
       inputs_kv = inputs_q
     qkv_features = self.qkv_features or inputs_q.shape[-1]
@@ -59,10 +72,14 @@ class MultiHeadDotProductAttention(nn.Module):
       q, k = self._rotate(q, k, positions, head_dim)
     if self.dropout > 0.0 and not deterministic:
       # Dropout on the attention weights needs them materialised: the unfused path.
+      if segment_ids is not None:  # The fused path takes segment ids; this one a mask.
+        same = ops.segment_mask(segment_ids, segment_ids)
+        mask = same if mask is None else mask & same
       weights = ops.attention_weights(q, k, bias=bias, mask=mask, causal=causal)
       x = ops.attention_output(nn.Dropout(rate=self.dropout)(weights, deterministic=False), v)
     else:
       x = ops.dot_product_attention(q, k, v, bias=bias, mask=mask, causal=causal,
+                                    segment_ids=segment_ids,
                                     implementation=self.attention_impl)
     return OutProjection(self.out_features or inputs_q.shape[-1], use_bias=self.use_bias,
                          dtype=self.dtype, param_dtype=self.param_dtype, name="out")(x)

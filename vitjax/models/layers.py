@@ -113,7 +113,8 @@ class MlpBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, deterministic=True):
+  def __call__(self, x, deterministic=True, token_state=None):
+    del token_state  # Per token: the part protocol's token state is not needed.
     width = x.shape[-1]
     dense = lambda features, name, axes: Dense(
         features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
@@ -143,7 +144,8 @@ class SwiGLU(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, deterministic=True):
+  def __call__(self, x, deterministic=True, token_state=None):
+    del token_state  # Per token: the part protocol's token state is not needed.
     dense = lambda features, name, axes: Dense(
         features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
         use_bias=self.use_bias,

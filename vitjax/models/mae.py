@@ -1,6 +1,7 @@
 """Masked image modelling: MAE (He et al. 2022) and SimMIM (Xie et al. 2022).
 
-Both encoders are vitjax's ViT encoder (`vit.Encoder`, the same blocks) under the
+Both encoders are the ViT's parts (`parts.PatchEmbedding`, `parts.Encoder` of
+`parts.Block`s) under the
 ViT's parameter names ('embedding', 'cls', 'pos_embedding', 'Transformer/...'),
 so `encoder_params(params)` is a plain ViT's parameters (pool_type='token',
 posemb='learn') ready for fine-tuning, and `vitjax.load_weights(vit_model,
@@ -20,6 +21,7 @@ MAE's position embeddings are the paper's fixed 2-D sin-cos ones, held as
 parameters (as in the published checkpoints) that no gradient reaches.
 """
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -27,9 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax.models.layers import patch_stem_input
+from vitjax.models import parts
+from vitjax.models.attention import MultiHeadDotProductAttention
+from vitjax.models.layers import MlpBlock, layer_norm, patch_stem_input
 from vitjax.models.partitioning import logical
-from vitjax.models.vit import Encoder
 
 Dtype = Any
 
@@ -154,7 +157,7 @@ def encoder_params(params):
 
 
 class _MaskedImageModel(nn.Module):
-  """The ViT encoder shared by MAE and SimMIM: patch embedding, class token, `vit.Encoder`."""
+  """The ViT encoder shared by MAE and SimMIM: patch embedding, class token, encoder."""
   image_size: int = 224
   patch_size: int = 16
   width: int = 768
@@ -186,11 +189,8 @@ class _MaskedImageModel(nn.Module):
 
   def _embed_patches(self, images):
     """(B, N, width) patch embeddings, row by row."""
-    x = nn.Conv(self.width, (self.patch_size, self.patch_size), strides=self.patch_size,
-                padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=logical(nn.initializers.lecun_normal(), None, None, None, "embed"),
-                bias_init=logical(nn.initializers.zeros, "embed"),
-                name="embedding")(images.astype(self.dtype))
+    x = parts.share(self, parts.PatchEmbedding(self.patch_size, self.width, self.dtype,
+                                               self.param_dtype))(images)
     return x.reshape(x.shape[0], -1, self.width)
 
   def _token(self, name, width, init=nn.initializers.normal(stddev=0.02)):
@@ -198,19 +198,26 @@ class _MaskedImageModel(nn.Module):
                       self.param_dtype).astype(self.dtype)
 
   def _encoder(self, name, depth, mlp_dim, num_heads, drop_path_rate):
-    return Encoder(
-        depth=depth, mlp_dim=mlp_dim, num_heads=num_heads, dropout=self.dropout,
-        attention_dropout=self.attention_dropout, drop_path_rate=drop_path_rate,
-        gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps,
-        attention_impl=self.attention_impl, scan_layers=self.scan_layers,
-        remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
-        name=name)
+    norm = functools.partial(layer_norm, epsilon=self.layer_norm_eps, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+    block = functools.partial(
+        parts.Block, norm=norm, dropout=self.dropout, param_dtype=self.param_dtype,
+        token_mixer=functools.partial(
+            MultiHeadDotProductAttention, num_heads=num_heads, dropout=self.attention_dropout,
+            attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="MultiHeadDotProductAttention_0"),
+        channel_mixer=functools.partial(
+            MlpBlock, mlp_dim=mlp_dim, dropout=self.dropout,
+            gelu_approximate=self.gelu_approximate, dtype=self.dtype,
+            param_dtype=self.param_dtype, name="MlpBlock_0"))
+    return parts.Encoder(block=block, depth=depth, norm=norm, drop_path_rate=drop_path_rate,
+                         scan_layers=self.scan_layers, remat_policy=self.remat_policy, name=name)
 
   def _encode(self, x, deterministic, out):
     """Runs the ViT encoder on (B, 1 + n, width) tokens; fills out's encoder entries."""
-    x, out["encoder"] = self._encoder(
+    x, _, out["encoder"] = self._encoder(
         "Transformer", self.depth, self.mlp_dim, self.num_heads,
-        self.drop_path_rate)(x, deterministic)
+        self.drop_path_rate)(x, deterministic=deterministic)
     out["encoded"] = x
     out["tokens"] = x[:, 1:]
     out["pre_logits"] = x[:, 0]  # The class token, as MAE's linear probe reads it.
@@ -285,9 +292,9 @@ class MaskedAutoencoder(_MaskedImageModel):
                                   ids_restore[..., None], axis=1)
     x = jnp.concatenate([x[:, :1], patches], axis=1)
     x = x + self._fixed_posemb("decoder_pos_embedding", self.decoder_width)
-    x, _ = self._encoder("Decoder", self.decoder_depth,
-                         self.decoder_mlp_dim or 4 * self.decoder_width,
-                         self.decoder_num_heads, 0.0)(x, deterministic)
+    x, _, _ = self._encoder("Decoder", self.decoder_depth,
+                            self.decoder_mlp_dim or 4 * self.decoder_width,
+                            self.decoder_num_heads, 0.0)(x, deterministic=deterministic)
     pixels = self.patch_size * self.patch_size * self.in_channels
     x = nn.Dense(pixels, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=logical(nn.initializers.xavier_uniform(), "mlp", None),

@@ -1,7 +1,7 @@
 """Text tower: a transformer encoder over token ids, for two-tower (CLIP / SigLIP / LiT) models.
 
-The blocks are the ViT's (`vitjax.models.vit.Encoder`), so attention goes through
-`vitjax.ops.dot_product_attention` and every block option applies. Parameter names
+The blocks are the ViT's parts (`vitjax.models.parts.Block` of attention and an
+MLP), so attention goes through `vitjax.ops.dot_product_attention`. Parameter names
 follow big_vision's text transformer: `Embed_0/embedding`, `pos_embedding`,
 `Transformer/encoderblock_{i}/...`, `Transformer/encoder_norm`, `head`.
 
@@ -13,13 +13,15 @@ Pooling (`pool_type`):
   'first'  the first position; 'gap' the mean over positions; 'map' attention pooling.
 """
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vitjax.models import vit
-from vitjax.models.layers import MAPHead
+from vitjax.models import parts
+from vitjax.models.attention import MultiHeadDotProductAttention
+from vitjax.models.layers import MAPHead, MlpBlock, layer_norm
 from vitjax.models.partitioning import logical
 
 Dtype = Any
@@ -76,13 +78,21 @@ class TextTransformer(nn.Module):
                         (1, self.max_length, self.width), self.param_dtype)
     x = out["embedded"] = embed(tokens) + posemb[:, :length].astype(self.dtype)
     x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
-    x, out["encoder"] = vit.Encoder(
-        depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-        dropout=self.dropout, gelu_approximate=self.gelu_approximate,
-        layer_norm_eps=self.layer_norm_eps, attention_impl=self.attention_impl,
-        remat_policy=self.remat_policy, causal=self.causal, activation=self.activation,
-        dtype=self.dtype, param_dtype=self.param_dtype, name="Transformer",
-    )(x, not train)
+    norm = functools.partial(layer_norm, epsilon=self.layer_norm_eps, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+    block = functools.partial(
+        parts.Block, norm=norm, dropout=self.dropout, param_dtype=self.param_dtype,
+        token_mixer=functools.partial(
+            MultiHeadDotProductAttention, num_heads=self.num_heads, causal=self.causal,
+            attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="MultiHeadDotProductAttention_0"),
+        channel_mixer=functools.partial(
+            MlpBlock, mlp_dim=self.mlp_dim, dropout=self.dropout,
+            gelu_approximate=self.gelu_approximate, activation=self.activation,
+            dtype=self.dtype, param_dtype=self.param_dtype, name="MlpBlock_0"))
+    x, _, out["encoder"] = parts.Encoder(
+        block=block, depth=self.depth, norm=norm, remat_policy=self.remat_policy,
+        name="Transformer")(x, deterministic=not train)
     out["encoded"] = x
 
     if self.pool_type == "last":

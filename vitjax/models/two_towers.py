@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vitjax.models import registry
 from vitjax.models import vit
 from vitjax.models.partitioning import logical
 from vitjax.models.text import TextTransformer
@@ -74,21 +75,19 @@ class TwoTowers(nn.Module):
     super().__post_init__()
 
   def _image_tower(self):
-    from vitjax import models  # pylint: disable=g-import-not-at-top  (models imports us)
     options = dict(self.image)
     options["num_classes"] = self.embed_dim if self.image_projection else 0
     options.setdefault("head_zeroinit", False)  # A zero projection has no direction.
-    return models.create_model(self.image_model, **options)
+    return registry.create_model(self.image_model, **options)
 
   def _image_option(self, key, default):
     """An image-tower option without building the tower (a module cannot be built here)."""
     if key in self.image:
       return self.image[key]
-    from vitjax import models  # pylint: disable=g-import-not-at-top
     try:
-      entry = models.model_entry(self.image_model)
+      entry = registry.model_entry(self.image_model)
       defaults, module = entry.defaults, entry.module
-    except models.UnknownModelError:  # A family ('vit', 'deit', 'mixer'): the module's default.
+    except registry.UnknownModelError:  # A family ('vit', 'deit', 'mixer'): the module's default.
       defaults, module = {}, vit.VisionTransformer
     return defaults.get(key, getattr(module, key, default))
 

@@ -1,8 +1,15 @@
-"""Vision Transformer (ViT) and DeiT, one module.
+"""Vision Transformer (ViT) and DeiT, composed from `vitjax.models.parts`.
 
 Parameter names follow big_vision, so its published .npz checkpoints load as
 they are. Position embeddings cover the prefix tokens too (timm / DeiT / AugReg
 layout), which makes the parameter counts equal the published ones.
+
+The options below build the default parts: the stem (`parts.PatchStem`), the
+block (`parts.Block` of attention and an MLP), the encoder and the head. A
+family that needs another part passes it instead of adding an option here:
+`token_mixer`, `channel_mixer` (factories of modules), `block` (the block
+module, given the mixers and residual options) and `layers` (a per-layer
+pattern, see `parts.every` / `parts.last`).
 
 Memory switches: `remat_policy` recomputes each block's activations in the
 backward pass instead of storing them, and `scan_layers=True` runs the blocks
@@ -11,16 +18,17 @@ axis: big_vision's `scan=True` layout; vitjax.convert.scan_params/unscan_params
 convert between the two layouts, and load_weights reads either into either).
 """
 
-from typing import Any, Optional
+import functools
+from collections.abc import Mapping
+from typing import Any, Callable, Optional, Sequence
 
+import flax
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from vitjax.models import posemb as posemb_lib
+from vitjax.models import parts
 from vitjax.models.attention import MultiHeadDotProductAttention
-from vitjax.models.layers import (DropPath, LayerScale, MAPHead, MlpBlock, SwiGLU, norm_layer,
-                                  patch_stem_input)
+from vitjax.models.layers import MAPHead, MlpBlock, SwiGLU, norm_layer, patch_stem_input
 from vitjax.models.partitioning import constrain, logical
 
 Dtype = Any
@@ -50,172 +58,6 @@ def decode_variant(variant):
   if patch:
     config["patch_size"] = int(patch)
   return config
-
-
-class Encoder1DBlock(nn.Module):
-  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
-
-  Options: `layer_scale_init` scales each residual branch by a learned
-  per-channel vector (CaiT, DINOv2); `parallel` computes attention and MLP from
-  one norm of the same input and adds both (ViT-22B); `qk_norm` normalises
-  queries and keys; `use_bias=False` drops the biases of dense layers and norms.
-  LLaMA-style (iLLaMA): `norm='rmsnorm'`, `mlp='swiglu'` (biases per
-  `mlp_use_bias`), `causal=True`; an `attention_bias` passed in (the soft mask)
-  replaces the causal mask.
-  """
-  mlp_dim: int
-  num_heads: int
-  dropout: float = 0.0
-  attention_dropout: float = 0.0
-  drop_path: float = 0.0
-  gelu_approximate: bool = False
-  layer_norm_eps: float = 1e-6
-  layer_scale_init: Optional[float] = None
-  parallel: bool = False
-  qk_norm: bool = False
-  use_bias: bool = True
-  norm: str = "layernorm"  # Or 'rmsnorm'. Either keeps the names LayerNorm_0 / LayerNorm_1.
-  mlp: str = "gelu"  # Or 'swiglu'.
-  mlp_use_bias: Optional[bool] = None  # None: as use_bias.
-  causal: bool = False
-  activation: str = "gelu"  # The GELU MLP's nonlinearity: 'gelu' or 'quick_gelu' (CLIP).
-  rope: Optional[str] = None
-  attention_impl: Optional[str] = None
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, deterministic=True, drop_path=None, positions=None,
-               attention_bias=None):
-    # `drop_path` overrides the field: under nn.scan each layer's rate comes in as an array.
-    drop_path = self.drop_path if drop_path is None else drop_path
-    norm = lambda name: norm_layer(self.norm, name, self.layer_norm_eps, self.dtype,
-                                   self.param_dtype, use_bias=self.use_bias)
-    mlp_use_bias = self.use_bias if self.mlp_use_bias is None else self.mlp_use_bias
-
-    def residual(branch, index):
-      branch = nn.Dropout(rate=self.dropout)(branch, deterministic)
-      if self.layer_scale_init is not None:
-        branch = LayerScale(self.layer_scale_init, self.param_dtype,
-                            name=f"LayerScale_{index}")(branch)
-      return DropPath(drop_path)(branch, deterministic)
-
-    attention = lambda y: MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dropout=self.attention_dropout, use_bias=self.use_bias,
-        qk_norm=self.qk_norm, rope=self.rope, attention_impl=self.attention_impl,
-        dtype=self.dtype, param_dtype=self.param_dtype, name="MultiHeadDotProductAttention_0",
-    )(y, deterministic=deterministic, positions=positions, bias=attention_bias,
-      causal=self.causal and attention_bias is None)
-
-    def mlp(y):
-      if self.mlp == "swiglu":
-        return SwiGLU(mlp_dim=self.mlp_dim, dropout=self.dropout, use_bias=mlp_use_bias,
-                      dtype=self.dtype, param_dtype=self.param_dtype,
-                      name="MlpBlock_0")(y, deterministic)
-      return MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout,
-                      gelu_approximate=self.gelu_approximate, use_bias=mlp_use_bias,
-                      activation=self.activation, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name="MlpBlock_0")(y, deterministic)
-
-    if self.parallel:
-      y = norm("LayerNorm_0")(x)
-      x = x + residual(attention(y), 0) + residual(mlp(y), 1)
-    else:
-      x = x + residual(attention(norm("LayerNorm_0")(x)), 0)
-      x = x + residual(mlp(norm("LayerNorm_1")(x)), 1)
-    return constrain(x, "act_batch", "act_length", "act_embed")
-
-
-# remat_policy -> what the backward pass keeps of a block's forward pass (the rest is
-# recomputed): a jax.checkpoint_policies policy, or None for nothing but the block's input.
-# 'none' (not in the table) does not rematerialise.
-REMAT_POLICIES = {
-    "full": None,
-    **{name: getattr(jax.checkpoint_policies, name) for name in (
-        "nothing_saveable", "everything_saveable", "dots_saveable",
-        "dots_with_no_batch_dims_saveable", "checkpoint_dots",
-        "checkpoint_dots_with_no_batch_dims")},
-}
-
-
-def block_module(remat_policy="none", prevent_cse=True):
-  """Encoder1DBlock, wrapped in nn.remat with the named policy unless it is 'none'."""
-  if remat_policy == "none":
-    return Encoder1DBlock
-  if remat_policy not in REMAT_POLICIES:
-    raise ValueError(f"Unknown remat_policy {remat_policy!r}; use one of: "
-                     f"{', '.join(['none', *REMAT_POLICIES])}.")
-  # static_argnums: `deterministic` (0 is self, 1 is x) picks Python branches inside.
-  return nn.remat(Encoder1DBlock, policy=REMAT_POLICIES[remat_policy],
-                  prevent_cse=prevent_cse, static_argnums=(2,))
-
-
-class Encoder(nn.Module):
-  """A stack of `depth` blocks and the final LayerNorm; stochastic depth rises linearly.
-
-  Returns `(x, out)`: `out['pre_norm']` is the last block's output and, without
-  scan, `out['blockNN']` each block's. With `scan_layers` the per-block outputs
-  are not kept (stacking them would cost the memory scan is there to save).
-  """
-  depth: int
-  mlp_dim: int
-  num_heads: int
-  dropout: float = 0.0
-  attention_dropout: float = 0.0
-  drop_path_rate: float = 0.0
-  gelu_approximate: bool = False
-  layer_norm_eps: float = 1e-6
-  layer_scale_init: Optional[float] = None
-  parallel_block: bool = False
-  qk_norm: bool = False
-  use_bias: bool = True
-  norm: str = "layernorm"
-  mlp: str = "gelu"
-  mlp_use_bias: Optional[bool] = None
-  causal: bool = False
-  activation: str = "gelu"
-  rope: Optional[str] = None
-  attention_impl: Optional[str] = None
-  scan_layers: bool = False  # One block under nn.scan: params 'encoderblock/...' (depth, ...).
-  remat_policy: str = "none"  # 'none', or a name in REMAT_POLICIES.
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, deterministic=True, positions=None, attention_bias=None):
-    # prevent_cse keeps XLA from merging the recomputation back into the forward pass;
-    # scan's loop already does that, and the guard would cost speed there.
-    block = block_module(self.remat_policy, prevent_cse=not self.scan_layers)
-    config = dict(
-        mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
-        attention_dropout=self.attention_dropout, gelu_approximate=self.gelu_approximate,
-        layer_norm_eps=self.layer_norm_eps, attention_impl=self.attention_impl,
-        layer_scale_init=self.layer_scale_init, parallel=self.parallel_block,
-        qk_norm=self.qk_norm, use_bias=self.use_bias, rope=self.rope, norm=self.norm,
-        mlp=self.mlp, mlp_use_bias=self.mlp_use_bias, causal=self.causal,
-        activation=self.activation, dtype=self.dtype, param_dtype=self.param_dtype)
-    drop_path = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
-    out = {}
-    if self.scan_layers:
-      # Each layer's stochastic-depth rate is scanned in alongside its parameters.
-      rates = (jnp.asarray(drop_path, jnp.float32)
-               if self.drop_path_rate and not deterministic else None)
-      scanned = nn.scan(
-          lambda module, x, rate, positions, bias: (
-              module(x, deterministic, rate, positions, bias), None),
-          variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-          in_axes=(0, nn.broadcast, nn.broadcast), length=self.depth,
-          metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(block(name="encoderblock", **config), x, rates, positions, attention_bias)
-    else:
-      for i, rate in enumerate(drop_path):
-        x = block(drop_path=rate, name=f"encoderblock_{i}", **config)(
-            x, deterministic, None, positions, attention_bias)
-        out[f"block{i:02d}"] = x
-    out["pre_norm"] = x
-    x = norm_layer(self.norm, "encoder_norm", self.layer_norm_eps, self.dtype, self.param_dtype,
-                   use_bias=self.use_bias)(x)
-    return x, out
 
 
 def soft_mask_weight(step, steps, schedule="linear"):
@@ -252,16 +94,33 @@ def soft_mask_bias(length, weight):
   return jnp.where(causal, 0.0, log_weight)[None, None]
 
 
+REMAT_POLICIES = parts.REMAT_POLICIES
+# String options -> the part they stand for: the CLI and configs name parts by string.
+NORMS = ("layernorm", "rmsnorm")
+CHANNEL_MIXERS = {"gelu": MlpBlock, "swiglu": SwiGLU}
+
+
+def vit_block(**options):
+  """The block `VisionTransformer(**options)` builds (its first layer's), alone.
+
+  For tests and notebooks: `vit_block(mlp_dim=..., num_heads=...).apply(...)`
+  returns `(x, token_state)`.
+  """
+  default, _ = VisionTransformer(**options).layer_pattern()
+  return default()
+
+
 class VisionTransformer(nn.Module):
   """ViT (Dosovitskiy et al. 2021) with DeiT's distillation token as an option.
 
   `__call__(images, train=False, step=None)` takes NHWC images (checked by
   layers.patch_stem_input) and returns `(logits, out)`; `step` (the training step)
-  matters only to iLLaMA's soft mask.
+  matters only to iLLaMA's soft mask, and a model with one needs it when training.
   `out` holds `stem` (patch embeddings), `encoded` (all final tokens, normed),
-  `tokens` (the final patch tokens), `pre_logits`, `logits`, and for distilled
-  models `logits_cls` and `logits_dist` (logits is their average). `encoder`
-  holds `pre_norm` and, unless `scan_layers`, each block's output `blockNN`.
+  `tokens` (the final patch tokens), `registers`, `pre_logits`, `logits`, and for
+  distilled models `logits_cls` and `logits_dist` (logits is their average).
+  `encoder` holds `pre_norm` and, unless `scan_layers`, each block's output
+  `blockNN`; `aux_loss` the blocks' auxiliary losses, if any reported one.
   """
   num_classes: int = 1000  # 0: no head, logits are the pre-logits.
   image_size: int = 224  # Resolution the position embeddings are made for.
@@ -271,11 +130,14 @@ class VisionTransformer(nn.Module):
   mlp_dim: int = 3072
   num_heads: int = 12
   pool_type: str = "token"  # 'token' (class token), 'gap', 'map' or 'none'.
-  posemb: str = "learn"  # 'learn' or 'sincos2d'.
+  posemb: str = "learn"  # 'learn', 'sincos2d' or 'none'.
   # How learned position embeddings are resized for another input size: 'bilinear'
   # (big_vision), 'bicubic' (antialiased: timm, DINOv2 with registers) or
   # 'bicubic_no_antialias' (torch's default bicubic: original DINOv2, naver's rope-vit).
   posemb_resize: str = "bilinear"
+  # False: position embeddings for the patches only, none for the class and distillation
+  # tokens (timm's no_embed_class, DeiT III).
+  class_posemb: bool = True
   distilled: bool = False  # DeiT: a distillation token with its own head.
   representation_size: Optional[int] = None  # Optional pre-logits Dense + tanh.
   dropout: float = 0.0
@@ -297,7 +159,7 @@ class VisionTransformer(nn.Module):
   # "Vision Transformers Need Registers": extra learned tokens, without position
   # embedding, that the model may use as scratch space; dropped before pooling.
   num_registers: int = 0
-  # Block options (see Encoder1DBlock): LayerScale (CaiT, DINOv2), and ViT-22B's
+  # Block options (see parts.Block): LayerScale (CaiT, DINOv2), and ViT-22B's
   # parallel attention + MLP, QK-LayerNorm and bias-free dense layers and norms.
   layer_scale_init: Optional[float] = None
   parallel_block: bool = False
@@ -315,7 +177,7 @@ class VisionTransformer(nn.Module):
   # attention moves from bidirectional to causal over the first `soft_mask_steps`
   # steps (see soft_mask_weight). Evaluation is always causal.
   norm: str = "layernorm"  # Or 'rmsnorm'.
-  mlp: str = "gelu"  # Or 'swiglu'.
+  mlp: str = "gelu"  # The channel mixer: 'gelu' (MlpBlock) or 'swiglu'.
   mlp_use_bias: Optional[bool] = None
   causal: bool = False
   class_token_position: str = "first"  # Or 'last'.
@@ -325,8 +187,20 @@ class VisionTransformer(nn.Module):
   # LayerNorm over the embedded tokens before the first block (CLIP's ln_pre).
   activation: str = "gelu"
   embedding_norm: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  # Parts that replace the default ones built from the options above (see parts.py).
+  token_mixer: Optional[Callable[..., nn.Module]] = None  # Default: multi-head attention.
+  channel_mixer: Optional[Callable[..., nn.Module]] = None  # Default: per `mlp`.
+  block: Optional[Callable[..., nn.Module]] = None  # Default: parts.Block.
+  layers: Optional[Sequence[Any]] = None  # Per-layer pattern; see `layer_pattern`.
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if self.layers is not None:  # Hashable: jit takes the model as a static argument.
+      object.__setattr__(self, "layers", tuple(
+          flax.core.FrozenDict(entry) if isinstance(entry, Mapping) else entry
+          for entry in self.layers))
+    super().__post_init__()
 
   @property
   def num_prefix_tokens(self):
@@ -338,114 +212,133 @@ class VisionTransformer(nn.Module):
     return bool(self.causal and self.soft_mask_steps)
 
   def _check(self):
-    if self.pool_type not in ("token", "gap", "map", "none"):
-      raise ValueError(f"Unknown pool_type {self.pool_type!r}; use 'token', 'gap', 'map' or 'none'.")
+    choices = {"pool_type": parts.POOL_TYPES, "posemb": ("learn", "sincos2d", "none"),
+               "rope": (None, "axial", "mixed", "1d"), "norm": NORMS,
+               "mlp": tuple(CHANNEL_MIXERS), "class_token_position": ("first", "last"),
+               "soft_mask_schedule": ("linear", "constant")}
+    for name, allowed in choices.items():
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"Unknown {name} {getattr(self, name)!r}; use one of: "
+                         f"{', '.join(map(repr, allowed))}.")
     if self.distilled and self.pool_type != "token":
       raise ValueError("A distilled (DeiT) model needs pool_type='token'.")
-    if self.posemb not in ("learn", "sincos2d", "none"):
-      raise ValueError(f"Unknown posemb {self.posemb!r}; use 'learn', 'sincos2d' or 'none'.")
-    if self.rope not in (None, "axial", "mixed", "1d"):
-      raise ValueError(f"Unknown rope {self.rope!r}; use 'axial', 'mixed', '1d' or None.")
-    if self.norm not in ("layernorm", "rmsnorm"):
-      raise ValueError(f"Unknown norm {self.norm!r}; use 'layernorm' or 'rmsnorm'.")
-    if self.mlp not in ("gelu", "swiglu"):
-      raise ValueError(f"Unknown mlp {self.mlp!r}; use 'gelu' or 'swiglu'.")
-    if self.class_token_position not in ("first", "last"):
-      raise ValueError(f"Unknown class_token_position {self.class_token_position!r}; "
-                       "use 'first' or 'last'.")
+    if self.class_token_position == "last" and self.pool_type != "token":
+      raise ValueError(f"class_token_position='last' moves the class token, but "
+                       f"pool_type={self.pool_type!r} has none: use pool_type='token' or "
+                       "class_token_position='first'.")
     if self.class_token_position == "last" and (self.distilled or self.num_registers):
       raise ValueError("class_token_position='last' (iLLaMA) supports neither a distillation "
                        "token nor registers; set distilled=False and num_registers=0.")
     if self.soft_mask_steps and not self.causal:
       raise ValueError(f"soft_mask_steps={self.soft_mask_steps} moves the attention from "
                        "bidirectional to causal; it needs causal=True.")
-    if self.soft_mask_schedule not in ("linear", "constant"):
-      raise ValueError(f"Unknown soft_mask_schedule {self.soft_mask_schedule!r}; use 'linear' "
-                       "or 'constant'.")
-    block_module(self.remat_policy)  # Raises for an unknown policy before any work.
+    parts.rematted(parts.Block, self.remat_policy)  # Raises for an unknown policy.
+
+  def norm_factory(self):
+    """The norm of the blocks, the stem and the encoder's end, per `norm` and `use_bias`."""
+    return functools.partial(norm_layer, self.norm, epsilon=self.layer_norm_eps,
+                             dtype=self.dtype, param_dtype=self.param_dtype,
+                             use_bias=self.use_bias)
+
+  def builtin_mixers(self):
+    """The token and channel mixers the options build: attention, and the `mlp` MLP."""
+    attention = functools.partial(
+        MultiHeadDotProductAttention, num_heads=self.num_heads, dropout=self.attention_dropout,
+        use_bias=self.use_bias, qk_norm=self.qk_norm, rope=self.rope, causal=self.causal,
+        attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
+        name="MultiHeadDotProductAttention_0")
+    options = dict(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="MlpBlock_0",
+                   use_bias=self.use_bias if self.mlp_use_bias is None else self.mlp_use_bias)
+    if self.mlp == "gelu":
+      options.update(gelu_approximate=self.gelu_approximate, activation=self.activation)
+    return dict(token_mixer=attention,
+                channel_mixer=functools.partial(CHANNEL_MIXERS[self.mlp], **options))
+
+  def block_options(self):
+    """The keyword arguments of the default block: its mixers, norm and residual options."""
+    builtin = self.builtin_mixers()
+    return dict(token_mixer=self.token_mixer or builtin["token_mixer"],
+                channel_mixer=self.channel_mixer or builtin["channel_mixer"],
+                norm=self.norm_factory(), parallel=self.parallel_block,
+                layer_scale_init=self.layer_scale_init, dropout=self.dropout,
+                param_dtype=self.param_dtype)
+
+  def layer_pattern(self):
+    """(default block factory, per-layer factories or None) from `block` and `layers`.
+
+    Each entry of `layers` is None (the default block), a dict of the default
+    block's options to change, or a block factory. In a dict, `token_mixer=None` /
+    `channel_mixer=None` mean the parts the options build (attention, the `mlp`
+    MLP), whatever the `token_mixer` / `channel_mixer` fields say: e.g. attention
+    in the last block of a pooling model, `layers=parts.last(1, dict(token_mixer=None),
+    depth)`.
+    """
+    block_module = self.block or parts.Block
+    options = self.block_options()
+    default = functools.partial(block_module, **options)
+    if self.layers is None:
+      return default, None
+    builtin = self.builtin_mixers()
+    made = []  # One factory per distinct entry: scan finds repeating units by identity.
+
+    def factory(entry):
+      if entry is None:
+        return default
+      for seen, made_factory in made:  # By equality: flax turns dicts into FrozenDicts.
+        if seen is entry or seen == entry:
+          return made_factory
+      if isinstance(entry, Mapping):
+        changes = {k: builtin[k] if v is None and k in builtin else v for k, v in entry.items()}
+        made.append((entry, functools.partial(block_module, **{**options, **changes})))
+      else:
+        made.append((entry, entry))
+      return made[-1][1]
+    return default, tuple(factory(entry) for entry in self.layers)
 
   @nn.compact
   def __call__(self, images, train=False, step=None):
     self._check()
+    if train and self.uses_training_step and step is None:
+      raise ValueError(f"This model's soft mask (soft_mask_steps={self.soft_mask_steps}) "
+                       "follows the training step: call it with train=True, step=STEP "
+                       "(vitjax.train does), or set soft_mask_steps=0.")
     deterministic = not train
-    out = {}
     images = patch_stem_input(self, images, "embedding")
-    x = nn.Conv(self.width, (self.patch_size, self.patch_size), strides=self.patch_size,
-                padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=logical(nn.initializers.lecun_normal(), None, None, None, "embed"),
-                bias_init=logical(nn.initializers.zeros, "embed"),
-                name="embedding")(images.astype(self.dtype))
-    batch, grid_h, grid_w, width = x.shape
-    x = out["stem"] = x.reshape(batch, grid_h * grid_w, width)
-
-    prefix = []
-    if self.pool_type == "token":
-      prefix.append(self.param("cls", logical(nn.initializers.zeros, None, None, "embed"),
-                               (1, 1, width), self.param_dtype))
-    if self.distilled:
-      prefix.append(self.param("dist", logical(nn.initializers.zeros, None, None, "embed"),
-                               (1, 1, width), self.param_dtype))
-    if prefix:
-      prefix = jnp.concatenate(prefix, axis=1).astype(self.dtype)
-      x = jnp.concatenate([jnp.tile(prefix, [batch, 1, 1]), x], axis=1)
-
-    x = x + self._position_embedding(grid_h, grid_w, width).astype(self.dtype)
-    if self.num_registers:
-      registers = self.param("reg", logical(nn.initializers.normal(stddev=0.02), None, None,
-                                            "embed"),
-                             (1, self.num_registers, width), self.param_dtype)
-      registers = jnp.tile(registers.astype(self.dtype), [batch, 1, 1])
-      prefix_length = self.num_prefix_tokens
-      x = jnp.concatenate([x[:, :prefix_length], registers, x[:, prefix_length:]], axis=1)
-    positions = None
-    if self.rope == "1d":
-      positions = posemb_lib.sequence_positions(x.shape[1])
-    elif self.rope:
-      positions = posemb_lib.patch_positions(grid_h, grid_w, self.num_prefix_tokens,
-                                             self.num_registers)
-    class_last = self.class_token_position == "last" and self.num_prefix_tokens
-    if class_last:  # The class token moves behind the patches, its position embedding with it.
-      x = jnp.roll(x, -self.num_prefix_tokens, axis=1)
-      if self.rope and self.rope != "1d":
-        positions = tuple(jnp.roll(p, -self.num_prefix_tokens, axis=0) for p in positions)
-    if self.embedding_norm:
-      x = norm_layer(self.norm, "embedding_norm", self.layer_norm_eps, self.dtype,
-                     self.param_dtype, use_bias=self.use_bias)(x)
+    stem = parts.share(self, parts.PatchStem(
+        patch_size=self.patch_size, width=self.width, image_size=self.image_size,
+        class_token=self.pool_type == "token", distillation_token=self.distilled,
+        num_registers=self.num_registers, posemb=self.posemb, posemb_resize=self.posemb_resize,
+        class_posemb=self.class_posemb, class_token_position=self.class_token_position,
+        embedding_norm=self.norm_factory() if self.embedding_norm else None, rope=self.rope,
+        dtype=self.dtype, param_dtype=self.param_dtype))
+    x, token_state, out = stem(images)
+    del out["grid"]
     x = constrain(x, "act_batch", "act_length", "act_embed")
     x = nn.Dropout(rate=self.dropout)(x, deterministic)
-    attention_bias = None
-    if train and step is not None and self.uses_training_step:
+    if train and self.uses_training_step:
       weight = soft_mask_weight(step, self.soft_mask_steps, self.soft_mask_schedule)
-      attention_bias = soft_mask_bias(x.shape[1], weight).astype(self.dtype)
+      token_state["attention_bias"] = soft_mask_bias(x.shape[1], weight).astype(self.dtype)
       out["soft_mask_weight"] = weight
 
-    x, encoder_out = Encoder(
-        depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-        dropout=self.dropout, attention_dropout=self.attention_dropout,
-        drop_path_rate=self.drop_path_rate, gelu_approximate=self.gelu_approximate,
-        layer_norm_eps=self.layer_norm_eps, attention_impl=self.attention_impl,
-        scan_layers=self.scan_layers, remat_policy=self.remat_policy,
-        layer_scale_init=self.layer_scale_init, parallel_block=self.parallel_block,
-        qk_norm=self.qk_norm, use_bias=self.use_bias, rope=self.rope, norm=self.norm,
-        mlp=self.mlp, mlp_use_bias=self.mlp_use_bias, causal=self.causal,
-        activation=self.activation, dtype=self.dtype, param_dtype=self.param_dtype,
-        name="Transformer",
-    )(x, deterministic, positions, attention_bias)
-    out["encoder"] = encoder_out
+    block, layers = self.layer_pattern()
+    x, token_state, out["encoder"] = parts.Encoder(
+        block=block, depth=self.depth, layers=layers, norm=self.norm_factory(),
+        drop_path_rate=self.drop_path_rate, scan_layers=self.scan_layers,
+        remat_policy=self.remat_policy, name="Transformer")(x, token_state, deterministic)
+    if parts.AUX_LOSS in token_state:
+      out[parts.AUX_LOSS] = token_state[parts.AUX_LOSS]
     out["encoded"] = x
+    class_last = self.class_token_position == "last" and self.num_prefix_tokens
     first_patch = self.num_prefix_tokens + self.num_registers
     out["registers"] = x[:, self.num_prefix_tokens:first_patch]
     out["tokens"] = x[:, :-self.num_prefix_tokens] if class_last else x[:, first_patch:]
-
-    if self.pool_type == "token":
-      x = x[:, -1] if class_last else x[:, 0]
-    elif self.pool_type == "gap":
-      x = jnp.mean(out["tokens"], axis=1)  # Patch tokens only, not registers.
-    elif self.pool_type == "map":
-      x = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-                  gelu_approximate=self.gelu_approximate, activation=self.activation,
-                  layer_norm_eps=self.layer_norm_eps, attention_impl=self.attention_impl,
-                  dtype=self.dtype, param_dtype=self.param_dtype, name="MAPHead_0")(x)
+    x = parts.pool(self.pool_type, x, first_patch=first_patch, class_last=class_last,
+                   token_sizes=token_state.get("token_sizes"), map_head=lambda tokens: MAPHead(
+                       num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                       gelu_approximate=self.gelu_approximate, activation=self.activation,
+                       layer_norm_eps=self.layer_norm_eps, attention_impl=self.attention_impl,
+                       dtype=self.dtype, param_dtype=self.param_dtype, name="MAPHead_0")(tokens))
     out["head_input"] = x
 
     if self.representation_size:
@@ -465,20 +358,6 @@ class VisionTransformer(nn.Module):
       logits = (out["logits_cls"] + out["logits_dist"]) / 2
     out["logits"] = logits
     return logits, out
-
-  def _position_embedding(self, grid_h, grid_w, width):
-    """(1, prefix + grid_h * grid_w, width), resized when the input is not `image_size`."""
-    num_prefix = self.num_prefix_tokens
-    if self.posemb == "none":  # Position only through RoPE, or none at all.
-      return jnp.zeros((1, 1, width), self.dtype)
-    if self.posemb == "sincos2d":
-      grid = posemb_lib.sincos_2d(grid_h, grid_w, width)
-      return jnp.pad(grid, ((0, 0), (num_prefix, 0), (0, 0)))
-    side = self.image_size // self.patch_size
-    posemb = self.param("pos_embedding",
-                        logical(nn.initializers.normal(stddev=0.02), None, None, "embed"),
-                        (1, num_prefix + side * side, width), self.param_dtype)
-    return posemb_lib.resize_posemb(posemb, (grid_h, grid_w), num_prefix, self.posemb_resize)
 
   def _head(self, name):
     kernel_init = (nn.initializers.zeros if self.head_zeroinit

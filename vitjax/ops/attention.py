@@ -57,19 +57,31 @@ def segment_mask(q_segment_ids, kv_segment_ids):
   return (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
 
 
-def default_implementation(q, backend=None):
-  """What `implementation=None` picks for these inputs on this platform.
+# What `implementation=None` / 'auto' may pick on each platform: only implementations
+# that a table of BENCHMARKS.md ("Attention op") measured there, each with the
+# conditions it was measured under: (implementation, dtypes of q, largest head_dim,
+# the table). The first entry whose conditions hold wins; anything else, and any
+# platform without an entry (TPU, GPU: never measured yet), gets 'xla'. A new entry
+# needs a new row in BENCHMARKS.md, measured with `python -m vitjax.tools.bench_attention`.
+AUTO_CHOICES = {
+    "cpu": (("xla", ("float32",), 64,
+             "BENCHMARKS.md, Attention op, CPU smoke test (2-core VM, 2026-11-21): 'xla' "
+             "ahead of 'pallas' (interpreted) at 2x197x12x64 and 1x577x12x64"),),
+}
 
-  CPU: 'xla' (Pallas runs only interpreted there). TPU: 'pallas'. NVIDIA GPU:
-  'cudnn' for bf16/fp16 with head_dim <= 128 (its supported range), else 'xla'.
-  'pallas' takes over on GPUs where BENCHMARKS.md shows it faster.
+
+def default_implementation(q, backend=None):
+  """What `implementation=None` / 'auto' picks for these inputs on this platform.
+
+  An entry of `AUTO_CHOICES` whose platform, dtype and head_dim match, else 'xla'.
+  Today that is 'xla' everywhere: no GPU or TPU figure has been measured, so the
+  Pallas kernels and cuDNN are opt-in, `implementation='pallas'` or `'cudnn'`
+  (`attention_impl=` on the models).
   """
   backend = backend or jax.default_backend()
-  if backend == "tpu":
-    return "pallas"
-  if (backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-      and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0):
-    return "cudnn"
+  for implementation, dtypes, max_head_dim, _ in AUTO_CHOICES.get(backend, ()):
+    if jnp.dtype(q.dtype).name in dtypes and q.shape[-1] <= max_head_dim:
+      return implementation
   return "xla"
 
 
@@ -89,9 +101,10 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, segment_ids=None, ca
     causal: query i attends to keys j <= i + (k_len - q_len) only.
     scale: multiplies q k^T; defaults to 1/sqrt(head_dim).
     implementation: 'xla' (reference), 'cudnn' (NVIDIA GPUs), 'pallas'
-      (vitjax's flash-attention kernels; interpreted on the CPU), or None/'auto'
-      (see `default_implementation`). A named implementation the platform
-      cannot run is an error, never a silent fallback.
+      (vitjax's flash-attention kernels; interpreted on the CPU), or None/'auto':
+      only what BENCHMARKS.md measured on this platform, else 'xla' (today 'xla'
+      everywhere; see `default_implementation`). A named implementation the
+      platform cannot run is an error, never a silent fallback.
 
   Returns:
     (batch, q_len, heads, head_dim), in the dtype of `v`.

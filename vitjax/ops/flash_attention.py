@@ -6,8 +6,11 @@ score matrix; it saves the log-sum-exp per query row. The backward pass
 recomputes the probabilities block by block from that log-sum-exp:
 
   * one kernel per key block accumulates dK and dV over the query blocks,
-  * one kernel per query block accumulates dQ over the key blocks and, when a
-    bias is given, writes dS (the bias gradient) block by block.
+  * one kernel per query block accumulates dQ over the key blocks and, when the
+    bias is differentiated, writes dS (the bias gradient) block by block. A bias
+    nothing differentiates (a constant mask such as Swin's or iLLaMA's, or a
+    `stop_gradient`) gets no dS: `custom_vjp(symbolic_zeros=True)` tells the
+    forward rule which arguments are perturbed.
 
 Everything the caller may pass is handled inside: lengths that are not a
 multiple of the block size (padded here, masked in the kernel), a boolean mask
@@ -30,9 +33,12 @@ ids are kept as columns (length, 1) and rows (1, length), so every tile is 2-D,
 broadcasts without a transpose, and meets Mosaic's tiling rule (last two tile
 dimensions divisible by (8, 128) or whole).
 
-Known costs: the bias gradient is written whole, (batch, heads, q_len, k_len) in
-fp32, before it is summed over the bias's broadcast dimensions, so a biased
-backward pass needs the memory of the attention matrix; and each program's
+Known costs: a differentiated bias's gradient is written whole, (batch, heads,
+q_len, k_len) in fp32, before it is summed over the bias's broadcast dimensions
+(a (1, heads, q_len, k_len) relative-position bias included), so that backward
+pass needs the memory of the attention matrix; summing inside the kernel would
+need programs that revisit one output tile, which Mosaic allows along sequential
+grid axes and Triton's parallel programs do not. And each program's
 BlockSpecs hold a (batch, head)'s whole K and V (Q and dO for dK/dV), which on a
 GPU are only pointers but on a TPU are copied into VMEM, bounding the length
 there (untried: no TPU has been available).
@@ -109,6 +115,7 @@ class _Static:
   has_mask: bool
   has_segments: bool
   bias_shape: tuple = ()  # 4-D, each dimension 1 (broadcast) or full (padded) size.
+  bias_grad: bool = False  # Backward only: whether the dQ kernel also writes dS.
   mask_shape: tuple = ()
 
   @property
@@ -476,7 +483,7 @@ def _dq_kernel(static, *refs):
   mask_ref = rest.pop(0) if static.has_mask else None
   q_seg_ref, kv_seg_ref = (rest.pop(0), rest.pop(0)) if static.has_segments else (None, None)
   dq_ref = rest.pop(0)
-  dbias_ref = rest.pop(0) if static.has_bias else None
+  dbias_ref = rest.pop(0) if static.bias_grad else None
 
   block_q, head_dim = q_ref.shape
   block_k = static.blocks.block_k_bwd
@@ -518,10 +525,12 @@ def _dq_kernel(static, *refs):
     jax.lax.fori_loop(upper, num_k_blocks, zero_tile, 0)
 
 
-def _backward(static, q, k, v, bias, mask, segments, out, lse, d_out):
+def _backward(static, q, k, v, bias, mask, segments, out, lse, d_out, *,
+              bias_needs_grad):
   batch, heads, q_pad, head_dim = q.shape
   k_pad = k.shape[2]
   block_q, block_k = static.blocks.block_q_bwd, static.blocks.block_k_bwd
+  static = dataclasses.replace(static, bias_grad=bias_needs_grad)
   # delta_i = sum_d dO_id O_id, the softmax-gradient correction per query row.
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
   common = [q, k, v, d_out, lse, delta]
@@ -552,7 +561,7 @@ def _backward(static, q, k, v, bias, mask, segments, out, lse, d_out):
     in_specs += [_q_segment_spec(block_q), _full_kv_segment_spec(k_pad)]
   out_specs = [_row_spec(block_q, head_dim)]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-  if bias is not None:
+  if bias_needs_grad:
     out_specs.append(pl.BlockSpec((None, None, block_q, k_pad), lambda b, h, i: (b, h, i, 0)))
     out_shape.append(jax.ShapeDtypeStruct((batch, heads, q_pad, k_pad), jnp.float32))
   results = _call(
@@ -564,7 +573,7 @@ def _backward(static, q, k, v, bias, mask, segments, out, lse, d_out):
   )(*common, *extras, *segment_inputs)
   dq = results[0]
   d_bias = None
-  if bias is not None:
+  if bias_needs_grad:
     d_scores = results[1]
     # Sum over the dimensions the bias broadcasts along, back to its own shape.
     reduce_axes = tuple(axis for axis in range(4) if bias.shape[axis] == 1)
@@ -582,17 +591,28 @@ def _flash(static, q, k, v, bias, mask, segments):
 
 
 def _flash_fwd(static, q, k, v, bias, mask, segments):
+  # With `symbolic_zeros=True` every array argument arrives as a CustomVJPPrimal:
+  # `.value` is the array, `.perturbed` whether anything differentiates through it.
+  bias_needs_grad = bias is not None and bias.perturbed
+  q, k, v, bias, mask, segments = jax.tree_util.tree_map(
+      lambda primal: primal.value, (q, k, v, bias, mask, segments))
   out, lse = _forward(static, q, k, v, bias, mask, segments)
-  return out, (q, k, v, bias, mask, segments, out, lse)
+  # The bias rides in one of two slots, so the backward pass knows at trace time
+  # whether to compute its gradient: a constant bias (Swin's window mask, iLLaMA's
+  # soft mask, a stop_gradient) gets none, and no (batch, heads, q_len, k_len) dS.
+  bias_slots = (bias, None) if bias_needs_grad else (None, bias)
+  return out, (q, k, v, bias_slots, mask, segments, out, lse)
 
 
 def _flash_bwd(static, residuals, d_out):
-  q, k, v, bias, mask, segments, out, lse = residuals
-  dq, dk, dv, d_bias = _backward(static, q, k, v, bias, mask, segments, out, lse, d_out)
-  d_mask = None if mask is None else jnp.zeros_like(mask)
-  d_segments = None if segments is None else jax.tree_util.tree_map(
-      lambda s: jnp.zeros(s.shape, jax.dtypes.float0), segments)
-  return dq, dk, dv, d_bias, d_mask, d_segments
+  q, k, v, (differentiated_bias, constant_bias), mask, segments, out, lse = residuals
+  if not isinstance(d_out, jax.Array):  # A symbolic zero: nothing flows back.
+    return None, None, None, None, None, None
+  bias = constant_bias if differentiated_bias is None else differentiated_bias
+  dq, dk, dv, d_bias = _backward(static, q, k, v, bias, mask, segments, out, lse, d_out,
+                                 bias_needs_grad=differentiated_bias is not None)
+  # None: no cotangent for the mask, the segment ids, or a bias nobody differentiates.
+  return dq, dk, dv, d_bias, None, None
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)

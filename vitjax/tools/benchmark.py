@@ -183,10 +183,10 @@ def check_model(args):
   del overrides["dtype"]  # Decided by the device, later; it does not change the checks.
   try:
     models.create_model(args.model, **overrides)
-  except (models.UnknownModelError, TypeError, ValueError) as error:
+  except (models.UnknownModelError, models.UnknownOptionError, ValueError) as error:
     print(f"error: {error}", file=sys.stderr)
     raise SystemExit(2) from None
-  if args.model in models._FAMILIES and not args.variant:  # pylint: disable=protected-access
+  if args.model in models.families() and not args.variant:
     print(f"note: {models.describe_family_default(args.model, **overrides)}; pass --variant "
           f"(e.g. --variant S/16) or a full name (python -m vitjax.tools.model_table "
           f"'{args.model}_*' lists them)", file=sys.stderr, flush=True)

@@ -70,7 +70,7 @@ def model_row(name, resolution=None, macs=True):
 def model_names(pattern="*"):
   """Registered names matching `pattern`, less the families (a family needs a variant; its
   members are listed)."""
-  families = models._FAMILIES  # pylint: disable=protected-access
+  families = models.families()
   return [name for name in models.list_models(pattern) if name not in families]
 
 

@@ -96,14 +96,16 @@ def _run(args, overrides):
   from vitjax import models  # pylint: disable=g-import-not-at-top
   from vitjax.train import sharding  # pylint: disable=g-import-not-at-top
   from vitjax.train import trainer  # pylint: disable=g-import-not-at-top
+  from vitjax.train.tasks import base as tasks_base  # pylint: disable=g-import-not-at-top
 
   config = config_lib.load_config(args.config)
   config_lib.apply_overrides(config, overrides)
   try:
-    trainer.build_model(config)  # Fails on an unknown model before the workdir exists.
+    tasks_base.build_model(config)  # An unknown model fails before the workdir exists.
   except models.UnknownModelError:
     raise
-  except (TypeError, ValueError) as e:  # An option or a variant the model does not take.
+  # An option or a variant the model does not take; any other TypeError is a bug (exit 1).
+  except (models.UnknownOptionError, ValueError) as e:
     raise config_lib.ConfigError(f"config.model: {e}") from e
   sharding.initialize_distributed(config.get("distributed"))
   result = trainer.train(config, args.workdir, progress=not args.no_progress)

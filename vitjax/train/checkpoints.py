@@ -1,7 +1,8 @@
 """Orbax checkpoints of the training state: async saves, keep the last N, resume.
 
 Each checkpoint `workdir/checkpoints/STEP/` holds two items written atomically
-together: `state` (params, optimizer state, step) and `data`, the input
+together: `state` (params, optimizer state, step, and the EMA of the params and the
+task's own state where the run has them) and `data`, the input
 pipeline's state as JSON. The pipeline is deterministic by step, so its state is
 the step plus what fixes the example stream (dataset, split size, batch size,
 seed); on resume that is checked against the config.
@@ -28,14 +29,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vitjax.convert import checkpoint as convert_checkpoint
+from vitjax.convert import workdir_checkpoints
 
 # The input-pipeline state keys that must match for a resumed run to see the
 # examples an uninterrupted run would have seen.
 DATA_STATE_KEYS = ("dataset", "train_split", "num_train", "batch_size", "seed")
 
 
-class CheckpointError(RuntimeError):
-  """No checkpoint in the directory can be restored."""
+# No checkpoint in the directory can be restored. The reading of a workdir's parameters
+# lives in vitjax.convert (load_weights reads workdirs without importing the trainer).
+CheckpointError = workdir_checkpoints.WorkdirCheckpointError
+load_params_and_step = workdir_checkpoints.load_params_and_step
 
 
 # The workdir's arrays have other names or shapes than the model's: the error
@@ -116,8 +120,8 @@ class Checkpointer:
                 if kept else "no earlier checkpoint exists")
     return CheckpointWriteError(
         f"Writing the checkpoint of step {step} to {self.directory} failed: "
-        f"{type(error).__name__}: {_first_line(error)}. The run stops rather than train on "
-        f"without checkpoints; {previous}. Free disk space or fix the directory's "
+        f"{type(error).__name__}: {workdir_checkpoints.first_line(error)}. The run stops "
+        f"rather than train on without checkpoints; {previous}. Free disk space or fix the directory's "
         f"permissions, then rerun the same command to resume.")
 
   def _complete_steps(self):
@@ -166,12 +170,48 @@ class Checkpointer:
     raise self._none_readable(failures)
 
   def _restore_step(self, step, abstract_state):
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    """(state, data_state) of `step`; the state holds the parts of `abstract_state` saved.
+
+    Parts saved and not asked for (an EMA of a run resumed without one) are read, as
+    orbax restores whole trees, placed like the parameters, and dropped.
+    """
+    saved = self._metadata(step)
+    wanted = dict(abstract_state)
+    if isinstance(saved, dict) and "params" in saved:
+      wanted = {key: value for key, value in abstract_state.items() if key in saved}
+      extra = {key: value for key, value in saved.items() if key not in abstract_state}
+      if extra:
+        from vitjax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+        params = abstract_state["params"]
+        first = jax.tree_util.tree_leaves(params)[0].sharding
+        shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), extra)
+        if hasattr(first, "mesh"):
+          shardings = sharding_lib.like_params(
+              shapes, params, jax.tree_util.tree_map(lambda x: x.sharding, params), first.mesh)
+        else:  # One device.
+          shardings = jax.tree_util.tree_map(lambda _: first, shapes)
+        wanted.update(jax.tree_util.tree_map(
+            lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+            shapes, shardings))
+    items = {"state": ocp.args.StandardRestore(wanted)}
     if (self.path(step) / "data").is_dir():
       items["data"] = ocp.args.JsonRestore()
     with quiet_orbax():
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    return restored["state"], restored.get("data")
+    state = {key: value for key, value in restored["state"].items() if key in abstract_state}
+    return state, restored.get("data")
+
+  def _metadata(self, step):
+    """The saved state's tree of array metadata, or None where it cannot be read."""
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      with quiet_orbax():
+        tree = handler.metadata(self.path(step) / "state")
+    except Exception:  # pylint: disable=broad-except
+      return None  # The restore reports it, and falls back to an older checkpoint.
+    finally:
+      handler.close()
+    return getattr(tree, "tree", tree)
 
   def _readable(self, step, failures):
     """Whether every stored value of `step` reads; if not, records why in `failures`.
@@ -189,7 +229,7 @@ class Checkpointer:
 
   def _describe(self, step, error):
     """'file: reason' of a checkpoint that cannot be read."""
-    return _describe_read_error(error, os.fspath(self.path(step) / "state"))
+    return workdir_checkpoints.describe_read_error(error, os.fspath(self.path(step) / "state"))
 
   def _none_readable(self, failures):
     return CheckpointError(
@@ -223,15 +263,7 @@ class Checkpointer:
     Compared from the checkpoint's metadata, before anything is read: a run resumed
     with another model gets the list of names and shapes, not orbax's internals.
     """
-    handler = ocp.PyTreeCheckpointHandler()
-    try:
-      with quiet_orbax():
-        tree = handler.metadata(self.path(step) / "state")
-    except Exception:  # pylint: disable=broad-except
-      return  # Unreadable metadata: the restore below reports it and falls back.
-    finally:
-      handler.close()
-    tree = getattr(tree, "tree", tree)
+    tree = self._metadata(step)
     if not isinstance(tree, dict) or "params" not in tree:
       return
     from vitjax.convert import mismatch  # pylint: disable=g-import-not-at-top
@@ -324,7 +356,7 @@ def read_all_arrays(directory, step):
   state = epath.Path(directory) / str(step) / "state"
   if "://" in os.fspath(state):
     return  # An object store: orbax's own read reports what fails.
-  _check_readable(os.fspath(state), prefixes=None)
+  workdir_checkpoints.check_readable(os.fspath(state), prefixes=None)
 
 
 def check_data_state(saved, current, directory):
@@ -345,14 +377,14 @@ def check_data_state(saved, current, directory):
         + "\nRerun with the original config values, or start a new run with another --workdir.")
 
 
-def load_params(workdir, step=None):
+def load_params(workdir, step=None, *, ema=False):
   """The model parameters of a training checkpoint (the latest unless `step`), as numpy.
 
-  Only the parameters are read (not the optimizer state), onto the host, whatever
-  mesh wrote them. A latest checkpoint that cannot be read is skipped with a
-  warning: see `load_params_and_step`.
+  Only the parameters (or with `ema`, their EMA) are read, not the optimizer state,
+  onto the host, whatever mesh wrote them. A latest checkpoint that cannot be read is
+  skipped with a warning: see `load_params_and_step`.
   """
-  return load_params_and_step(workdir, step)[1]
+  return load_params_and_step(workdir, step, ema=ema)[1]
 
 
 def abstract_like(tree):
@@ -360,140 +392,3 @@ def abstract_like(tree):
   return jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
       tree)
-
-
-def _first_line(error, limit=200):
-  text = str(error).strip().splitlines()
-  return text[0][:limit] if text else ""
-
-
-class _Unreadable(Exception):
-  """A checkpoint that cannot be read; str() is 'where: why'."""
-
-
-def load_params_and_step(workdir, step=None):
-  """(step, params) of the latest readable checkpoint of `workdir`, or of `step`.
-
-  It only reads, since the run may still be writing: an unreadable latest
-  checkpoint is skipped with one warning line naming it, the file and the step
-  loaded instead, and nothing is moved (a resuming trainer moves it aside).
-  Raises `CheckpointError` naming each step and file tried when none can be read,
-  or when the `step` asked for cannot.
-  """
-  directory = os.path.abspath(os.path.join(os.path.expanduser(os.fspath(workdir)),
-                                           "checkpoints"))
-  # Orbax writes a step under a temporary name and renames it when complete.
-  steps = sorted(int(name) for name in os.listdir(directory)
-                 if name.isdigit()) if os.path.isdir(directory) else []
-  if not steps:
-    raise CheckpointError(f"No checkpoint in {directory}.")
-  if step is not None:
-    if step not in steps:
-      raise CheckpointError(f"No checkpoint of step {step} in {directory}; it holds steps "
-                            f"{steps}.")
-    try:
-      return step, _read_params(os.path.join(directory, str(step)))
-    except _Unreadable as e:
-      raise CheckpointError(f"The checkpoint of step {step} cannot be read: {e}.") from None
-  failures = []
-  for candidate in reversed(steps):
-    try:
-      params = _read_params(os.path.join(directory, str(candidate)))
-    except _Unreadable as e:
-      failures.append(f"step {candidate}: {e}")
-      continue
-    if failures:
-      print(f"WARNING: skipped the unreadable checkpoint{'s' if len(failures) > 1 else ''} "
-            f"of {'; '.join(failures)}; loaded step {candidate} instead, leaving the files "
-            "as they are.", flush=True)
-    return candidate, params
-  raise CheckpointError(f"None of the checkpoints in {directory} can be read:\n  "
-                        + "\n  ".join(failures))
-
-
-def _read_params(step_directory):
-  """The parameters of one checkpoint, as numpy; raises `_Unreadable`."""
-  state_directory = os.path.join(step_directory, "state")
-  if not os.path.isdir(state_directory):
-    raise _Unreadable(
-        f"{step_directory}: no 'state' item (written by vitjax before 2026-11-22, or by "
-        "another program: export its weights with the version that wrote it)")
-  try:
-    _check_readable(state_directory)
-    # The handler alone, not a CheckpointManager: a read-only manager logs warnings
-    # ('Given directory is read only') on every load.
-    handler = ocp.PyTreeCheckpointHandler()
-    try:
-      tree = handler.metadata(epath.Path(state_directory))
-      tree = getattr(tree, "tree", tree)
-      if not isinstance(tree, dict) or "params" not in tree:
-        found = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
-        raise _Unreadable(f"{state_directory}: holds no 'params' (found {found})")
-      as_numpy = lambda _: ocp.RestoreArgs(restore_type=np.ndarray)
-      state = handler.restore(epath.Path(state_directory), args=ocp.args.PyTreeRestore(
-          item={"params": tree["params"]},
-          restore_args={"params": jax.tree_util.tree_map(as_numpy, tree["params"])},
-          partial_restore=True))
-    finally:
-      handler.close()
-  except _Unreadable:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    raise _Unreadable(_describe_read_error(e, state_directory)) from e
-  return state["params"]
-
-
-# Zarr's per-array metadata: read for every array (optimizer state included) by orbax.
-_ARRAY_METADATA = (b".zarray", b".zattrs", b".zgroup", b"zarr.json")
-
-
-def _check_readable(state_directory, prefixes=(b"params.",)):
-  """Reads, with tensorstore directly, the stored arrays named `prefixes...` (None: all).
-
-  Also the per-array metadata of all arrays, which orbax reads for any restore.
-  Orbax reads asynchronously and, at the first failing read, closes its event loop
-  under the reads still in flight, which then print 'Event loop is closed'
-  tracebacks. Here each read is waited for, so a damaged file is one exception.
-  Costs a second read of those arrays, mostly from the page cache.
-  """
-  manifest = os.path.join(state_directory, "manifest.ocdbt")
-  if not os.path.exists(manifest):
-    if os.path.isdir(os.path.join(state_directory, "d")):  # The data without its index.
-      raise _Unreadable(f"{manifest}: missing")
-    return  # Not the one-database layout: left to orbax.
-  import tensorstore as ts  # pylint: disable=g-import-not-at-top  (orbax's own dependency)
-  store = ts.KvStore.open({"driver": "ocdbt",
-                           "base": "file://" + os.path.abspath(state_directory) + "/"}).result()
-  wanted = lambda key: prefixes is None or key.startswith(tuple(prefixes))
-  keys = [key for key in store.list().result()
-          if wanted(key) or key.rsplit(b"/", 1)[-1] in _ARRAY_METADATA]
-  if prefixes is not None and not any(wanted(key) for key in keys):
-    names = ", ".join(repr(prefix.decode().rstrip(".")) for prefix in prefixes)
-    raise _Unreadable(f"{state_directory}: holds no {names} arrays")
-  reads = [store.read(key) for key in keys]
-  errors = []
-  for read in reads:
-    try:
-      read.result()
-    except Exception as e:  # pylint: disable=broad-except
-      errors.append(e)
-  if errors:
-    raise errors[0]
-
-
-def _describe_read_error(error, state_directory):
-  """'file: reason' from a tensorstore error (which names the file), else 'directory: error'."""
-  text = str(error)
-  if isinstance(error, _Unreadable):  # Described already.
-    return text
-  marker = 'local file "'
-  start = text.rfind(marker)
-  if start >= 0:
-    path, _, reason = text[start + len(marker):].partition('"')
-    reason = reason.lstrip(": ").split(" [tensorstore_spec=")[0].strip()
-    if not os.path.exists(path):
-      reason = "missing"
-    if path.rstrip("/") != os.path.abspath(state_directory).rstrip("/"):
-      return f"{path}: {reason or text.split(':')[0]}"
-  return (f"{state_directory}: {type(error).__name__}: "
-          f"{_first_line(error).split(' [tensorstore_spec=')[0]}")

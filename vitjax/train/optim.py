@@ -12,9 +12,12 @@ from vitjax import config as config_lib
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 
-# Parameters that get no weight decay: norms, biases, embeddings and tokens.
+# Parameters that get no weight decay: norms, biases, embeddings and tokens, and learned
+# RoPE frequencies (decaying them pulls every rotation towards none; naver's rope-vit
+# excludes them).
 NO_DECAY_PATTERNS = (r"(^|/)bias$", r"LayerNorm|_norm|/norm", r"(^|/)scale$",
-                     r"pos_embedding$", r"(^|/)cls$", r"(^|/)dist$", r"probe$")
+                     r"pos_embedding$", r"(^|/)cls$", r"(^|/)dist$", r"probe$",
+                     r"(^|/)rope_frequencies$")
 
 
 def path_str(path):

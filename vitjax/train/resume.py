@@ -114,9 +114,9 @@ def record(workdir, step, changed, learning_rate=None):
 
 
 def final_metrics(rows, step):
-  """The evaluation metrics logged at `step` (the run's final row), from metrics rows."""
+  """The evaluation metrics (`eval/`, `eval_ema/`) logged at `step` (the run's final row)."""
   result = {}
   for row in rows:
     if row.get("step") == step:
-      result.update({k: v for k, v in row.items() if k.startswith("eval/")})
+      result.update({k: v for k, v in row.items() if k.startswith(("eval/", "eval_ema/"))})
   return result

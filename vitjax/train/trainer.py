@@ -13,6 +13,7 @@ import functools
 import math
 import os
 import time
+from typing import NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -40,68 +41,127 @@ class TrainingInterrupted(KeyboardInterrupt):
   """Ctrl-C during training; the message names the step and the last checkpoint."""
 
 
-def build_model(config):
-  """The model named by `config.model.name`, built from the other `config.model` keys."""
-  options = dict(config.model)
-  name = options.pop("name")
-  for key in ("dtype", "param_dtype"):
-    if isinstance(options.get(key), str):
-      options[key] = jnp.dtype(options[key])
-  return models.create_model(name, **options)
+class StepOptions(NamedTuple):
+  """What one train step does besides the task's loss (from config; see `step_options`)."""
+  grad_accum_steps: int = 1
+  skip_nonfinite: bool = False
+  sam_rho: float = 0.0  # 0: plain gradients; > 0: SAM's.
+  ema_decay: Optional[float] = None  # None: no EMA of the parameters.
+  ema_warmup: bool = False
+  ema_warmup_gamma: float = 1.0
+  ema_warmup_power: float = 0.75
 
 
-def _train_step(model, tx, task, grad_accum_steps, skip_nonfinite, state, batch, rng,
-                constants):
+def step_options(config):
+  ema = config.get("ema") or {}
+  return StepOptions(
+      grad_accum_steps=config.get("grad_accum_steps", 1),
+      skip_nonfinite=bool(config.get("skip_nonfinite_steps")),
+      sam_rho=float(config.optimizer.get("sam_rho") or 0.0),
+      ema_decay=ema.get("decay"),
+      ema_warmup=bool(ema.get("warmup")),
+      ema_warmup_gamma=float(ema.get("warmup_gamma", 1.0)),
+      ema_warmup_power=float(ema.get("warmup_power", 0.75)))
+
+
+def ema_decay(options, step):
+  """The EMA's decay at the update after `step` earlier ones.
+
+  With config.ema.warmup, timm's ModelEmaV3 rule (its `step` is ours): min(decay,
+  1 - (1 + step / warmup_gamma) ** -warmup_power), 0 at the first update (the EMA
+  becomes the parameters), 0.41 at the second with the defaults, then up to `decay`.
+  """
+  if not options.ema_warmup:
+    return jnp.float32(options.ema_decay)
+  warm = 1.0 - (1.0 + step.astype(jnp.float32) / options.ema_warmup_gamma) ** (
+      -options.ema_warmup_power)
+  return jnp.minimum(jnp.float32(options.ema_decay), warm)
+
+
+def update_ema(ema, params, decay):
+  """ema + (1 - decay) * (params - ema), in float32 (the EMA's dtype)."""
+  return jax.tree_util.tree_map(lambda e, p: e + (1.0 - decay) * (p.astype(e.dtype) - e),
+                                ema, params)
+
+
+def _train_step(model, tx, task, options, state, batch, rng, constants):
   """One optimizer update, over `grad_accum_steps` micro-batches; returns state and metrics.
 
-  With `skip_nonfinite`, an update whose loss, gradients or update are NaN or
-  infinite is dropped: params and optimizer state stay as they were, the step
-  counter advances, and the metric `skipped_steps` is 1.
+  `state` holds params, opt_state and step, and `ema` (config.ema.decay) and `task`
+  (the task's own state) when there are any. With `skip_nonfinite`, an update whose
+  loss, gradients or update are NaN or infinite is dropped: everything but the step
+  counter stays as it was, and the metric `skipped_steps` is 1.
+
+  With `sam_rho` (SAM, Foret et al. 2021) the update follows the gradient at
+  params + rho * g / |g|, g the gradient at params, on the same batch and rng; the
+  logged loss and metrics (and the task state kept) are the unperturbed pass's,
+  `grad_norm` is the norm of the gradient the optimizer got. With micro-batches, g
+  and the perturbed gradient are each the whole batch's (the perturbation is one
+  for the batch, as without accumulation).
   """
   step_rng = jax.random.fold_in(rng, state["step"])
+  grad_fn = jax.value_and_grad(
+      lambda params, task_state, micro_batch, micro_rng: task.training_loss(
+          model, params, task_state, micro_batch, micro_rng, constants, state["step"]),
+      has_aux=True)
+  accum = options.grad_accum_steps
 
-  def loss_fn(params, micro_batch, micro_rng):
-    return task.loss(model, params, micro_batch, micro_rng, constants, state["step"])
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  if grad_accum_steps == 1:
-    (loss, metrics), grads = grad_fn(state["params"], batch, step_rng)
-  else:
+  def batch_gradients(params, task_state):
+    """(loss, metrics, task state, gradients) of the batch at `params`."""
+    if accum == 1:
+      (loss, (metrics, task_state)), grads = grad_fn(params, task_state, batch, step_rng)
+      return loss, metrics, task_state, grads
     # Example i goes to micro-batch i % n, so every micro-batch keeps the batch's
     # split over devices. Equal-size micro-batches: the mean of their mean
-    # gradients is the full batch's mean gradient.
+    # gradients is the full batch's mean gradient. The task state goes through the
+    # micro-batches in order.
     micro_batches = jax.tree_util.tree_map(
-        lambda x: jnp.swapaxes(x.reshape((-1, grad_accum_steps) + x.shape[1:]), 0, 1), batch)
+        lambda x: jnp.swapaxes(x.reshape((-1, accum) + x.shape[1:]), 0, 1), batch)
 
     def accumulate(carry, inputs):
+      sums, task_state = carry
       index, micro_batch = inputs
-      (loss, metrics), grads = grad_fn(state["params"], micro_batch,
-                                       jax.random.fold_in(step_rng, index))
-      return jax.tree_util.tree_map(jnp.add, carry, (grads, loss, metrics)), None
+      (loss, (metrics, task_state)), grads = grad_fn(
+          params, task_state, micro_batch, jax.random.fold_in(step_rng, index))
+      return (jax.tree_util.tree_map(jnp.add, sums, (grads, loss, metrics)), task_state), None
 
-    zeros = jax.tree_util.tree_map(
-        lambda x: jnp.zeros(x.shape, jnp.float32),
-        jax.eval_shape(grad_fn, state["params"],
-                       jax.tree_util.tree_map(lambda x: x[0], micro_batches), step_rng))
-    (grads, loss, metrics), _ = jax.lax.scan(
-        accumulate, (zeros[1], zeros[0][0], zeros[0][1]),
-        (jnp.arange(grad_accum_steps), micro_batches))
-    grads, loss, metrics = jax.tree_util.tree_map(lambda x: x / grad_accum_steps,
-                                                  (grads, loss, metrics))
-    grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state["params"])
+    (loss, (metrics, _)), grads = jax.eval_shape(
+        grad_fn, params, task_state, jax.tree_util.tree_map(lambda x: x[0], micro_batches),
+        step_rng)
+    zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                                   (grads, loss, metrics))
+    (sums, task_state), _ = jax.lax.scan(accumulate, (zeros, task_state),
+                                         (jnp.arange(accum), micro_batches))
+    grads, loss, metrics = jax.tree_util.tree_map(lambda x: x / accum, sums)
+    grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
+    return loss, metrics, task_state, grads
+
+  loss, metrics, task_state, grads = batch_gradients(state["params"], state.get("task", {}))
+  if options.sam_rho:
+    # Two gradients per step, written here rather than with optax.contrib.sam, which
+    # takes the two over two calls of the step (two batches, two step counts).
+    scale = options.sam_rho / (optax_global_norm(grads) + 1e-12)
+    perturbed = jax.tree_util.tree_map(
+        lambda p, g: p + (scale * g.astype(jnp.float32)).astype(p.dtype), state["params"], grads)
+    _, _, _, grads = batch_gradients(perturbed, state.get("task", {}))
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = jax.tree_util.tree_map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)
+  new_state = {"params": params, "opt_state": opt_state}
+  if "ema" in state:
+    new_state["ema"] = update_ema(state["ema"], params, ema_decay(options, state["step"]))
+  if "task" in state:
+    new_state["task"] = task.update_state(task_state, params, state["step"])
   metrics = {"loss": loss, "grad_norm": optax_global_norm(grads),
              "update_norm": optax_global_norm(updates), **metrics}
-  if skip_nonfinite:
+  if options.skip_nonfinite:
     # The norms are non-finite as soon as one element is.
     finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
               & jnp.isfinite(metrics["update_norm"]))
     keep_finite = lambda new, old: jnp.where(finite, new, old)
-    params = jax.tree_util.tree_map(keep_finite, params, state["params"])
-    opt_state = jax.tree_util.tree_map(keep_finite, opt_state, state["opt_state"])
+    new_state = {key: jax.tree_util.tree_map(keep_finite, value, state[key])
+                 for key, value in new_state.items()}
     metrics["skipped_steps"] = 1.0 - finite.astype(jnp.float32)
-  return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+  return {**new_state, "step": state["step"] + 1}, metrics
 
 
 def optax_global_norm(tree):
@@ -171,7 +231,7 @@ def _init_state(config, model, mesh, rng):
   param_shardings = sharding_lib.param_shardings(boxed, mesh, nn.get_logical_axis_rules())
   params = jax.jit(lambda r: nn.unbox(model.init(r, images)["params"]),
                    out_shardings=param_shardings)(init_rng)
-  init_path = init_weights_path(config)
+  init_path = config.get("init")
   if init_path:
     from vitjax import convert  # pylint: disable=g-import-not-at-top
     loaded = convert.load_weights(model, init_path,
@@ -185,16 +245,29 @@ def _init_state(config, model, mesh, rng):
            "step": jax.device_put(jnp.zeros((), jnp.int32), sharding_lib.replicated(mesh))}
   shardings = {"params": param_shardings, "opt_state": opt_shardings,
                "step": sharding_lib.replicated(mesh)}
+  if (config.get("ema") or {}).get("decay"):
+    state["ema"], shardings["ema"] = ema_of(params, param_shardings), param_shardings
   return state, shardings, tx, schedule
 
 
-def init_weights_path(config):
-  """`config.init` (or its older name `config.init_weights`): weights to start from."""
-  paths = {key: config.get(key) for key in ("init", "init_weights") if config.get(key)}
-  if len(set(paths.values())) > 1:
-    raise ValueError(f"config.init={paths['init']!r} and config.init_weights="
-                     f"{paths['init_weights']!r} disagree; set only config.init.")
-  return next(iter(paths.values()), None)
+def ema_of(params, param_shardings):
+  """A float32 copy of `params`, sharded like them: the EMA's start.
+
+  float32 whatever the parameters' dtype: in bfloat16, (1 - 0.9999) * (params - ema)
+  is below the EMA's resolution and the average would stop moving.
+  """
+  return jax.jit(lambda p: jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), p),
+                 out_shardings=param_shardings)(params)
+
+
+def _init_task_state(task, model, params, param_shardings, mesh, rng):
+  """The task's own state at step 0 and its shardings ({} and {} for most tasks)."""
+  init = functools.partial(task.init_state, model)
+  abstract = jax.eval_shape(init, params, rng)
+  if not jax.tree_util.tree_leaves(abstract):
+    return {}, {}
+  shardings = sharding_lib.like_params(abstract, params, param_shardings, mesh)
+  return jax.jit(init, out_shardings=shardings)(params, rng), shardings
 
 
 def data_state(config, dataset, step):
@@ -210,6 +283,11 @@ def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progres
   rng = jax.random.PRNGKey(config.seed)
   train_rng = jax.random.split(rng)[1]
   state, state_shardings, tx, schedule = _init_state(config, model, mesh, rng)
+  task_rng = jax.random.fold_in(rng, 3)
+  task_state, task_shardings = _init_task_state(task, model, state["params"],
+                                                state_shardings["params"], mesh, task_rng)
+  if task_state:
+    state["task"], state_shardings["task"] = task_state, task_shardings
   constants = task.prepare(model, mesh, jax.random.fold_in(rng, 2))
   constant_shardings = jax.tree_util.tree_map(lambda x: x.sharding, constants)
 
@@ -231,16 +309,16 @@ def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progres
   # Rows a previous run logged after its last checkpoint (all of them, if it had none).
   writer.truncate_after(start_step or 0)
   if restored is not None:
-    state = restored
     print(f"Resuming from the checkpoint at step {start_step} in {checkpointer.directory}",
           flush=True)
+    state = _complete_restored(restored, state_shardings, task, model, mesh, task_rng,
+                               start_step)
   start_step = start_step or 0
 
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
   train_step = jax.jit(
-      functools.partial(_train_step, model, tx, task, config.get("grad_accum_steps", 1),
-                        bool(config.get("skip_nonfinite_steps"))),
+      functools.partial(_train_step, model, tx, task, step_options(config)),
       in_shardings=(state_shardings, batch_sharding, replicated, constant_shardings),
       out_shardings=(state_shardings, replicated),
       donate_argnums=(0,),
@@ -251,13 +329,19 @@ def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progres
   total_steps = config.total_steps
 
   def evaluate(step):
+    """`eval/NAME` of the parameters and, with config.ema.decay, `eval_ema/NAME` of the EMA."""
+    weights = {"eval": state["params"]}
+    if "ema" in state:  # Evaluated in the parameters' dtype, as the parameters are.
+      weights["eval_ema"] = jax.tree_util.tree_map(lambda e, p: e.astype(p.dtype),
+                                                   state["ema"], state["params"])
     result = {}
-    for name, options in evaluators.items():
-      metrics = evaluate_lib.run_evaluator(
-          name, model, state["params"], dataset,
-          batch_size=config.get("eval_batch_size", config.batch_size),
-          batch_sharding=batch_sharding, **options)
-      result.update({f"eval/{k}": v for k, v in metrics.items()})
+    for prefix, params in weights.items():
+      for name, options in evaluators.items():
+        metrics = evaluate_lib.run_evaluator(
+            name, model, params, dataset,
+            batch_size=config.get("eval_batch_size", config.batch_size),
+            batch_sharding=batch_sharding, **options)
+        result.update({f"{prefix}/{k}": v for k, v in metrics.items()})
     if result:
       writer.write(step, result)
     return result
@@ -351,6 +435,26 @@ def _restore(config, workdir, dataset, checkpointer, state):
   return step, restored, changed
 
 
+def _complete_restored(restored, shardings, task, model, mesh, task_rng, step):
+  """The restored state, with what its checkpoint lacks made from the resumed parameters.
+
+  A run resumed with config.ema.decay newly set starts its EMA at the resumed
+  parameters; a task state the checkpoint lacks starts afresh (`Task.init_state`).
+  Parts the checkpoint holds and this run does not use (an EMA, now off) were not read.
+  """
+  state = {**restored}
+  if "ema" in shardings and "ema" not in restored:
+    print(f"NOTE: the checkpoint of step {step} holds no EMA (config.ema.decay was not set); "
+          f"the EMA starts from its parameters.", flush=True)
+    state["ema"] = ema_of(restored["params"], shardings["params"])
+  if "task" in shardings and "task" not in restored:
+    print(f"NOTE: the checkpoint of step {step} holds no state of the task; it starts afresh "
+          f"from the resumed parameters.", flush=True)
+    state["task"], _ = _init_task_state(task, model, restored["params"], shardings["params"],
+                                        mesh, task_rng)
+  return state
+
+
 def _note_changes(config, workdir, step, changed, schedule):
   """Prints and records the config keys changed since the run that wrote the workdir."""
   learning_rate = None
@@ -375,7 +479,8 @@ def _completed(config, workdir, step):
   metrics_path = workdir / "metrics.jsonl"
   rows = metrics_lib.read_metrics(metrics_path) if metrics_path.exists() else []
   final = resume_lib.final_metrics(rows, step)
-  shown = "  ".join(f"{k[len('eval/'):]}: {v:.4f}" for k, v in final.items()) or "-"
+  shown = "  ".join(f"{k.replace('eval_', '').replace('eval/', '')}: {v:.4f}"
+                    for k, v in final.items()) or "-"
   print(f"The run in {workdir} is complete (step {step} of config.total_steps="
         f"{config.total_steps}; final eval {shown}). Nothing was trained or written; raise "
         f"--config.total_steps to train on, or use another --workdir.", flush=True)
@@ -434,9 +539,10 @@ def _loss_postfix(summary):
 
 
 def _headline(eval_metrics):
-  """The first evaluation metric, shortened for the progress bar."""
-  for key, value in eval_metrics.items():
-    return {key.split("/")[-1]: f"{value:.3f}"}
+  """The first evaluation metric, of the EMA when there is one ('ema_top1'), for the bar."""
+  ema = [key for key in eval_metrics if key.startswith("eval_ema/")]
+  for key in ema or eval_metrics:
+    return {("ema_" if ema else "") + key.split("/")[-1]: f"{eval_metrics[key]:.3f}"}
   return {}
 
 

@@ -5,6 +5,7 @@ workdir is created or locked. Each error names the key, its value, what is
 allowed and how to set it; nothing is written, so a fixed command can rerun at once.
 
 In order, cheapest first:
+  * the keys of sections vitjax knows all of (`config.ema`), and renamed keys;
   * `RULES`: one range per key (positive step counts, probabilities in [0, 1), names
     from the lists the code that uses them keeps);
   * the workdir: a directory that exists or can be created, writable;
@@ -17,6 +18,7 @@ In order, cheapest first:
     allocated), and freeze / lr_multipliers / layer_decay against its parameter names.
 """
 
+import difflib
 import math
 import numbers
 import os
@@ -31,6 +33,7 @@ from vitjax.train import optim
 from vitjax.train import sharding as sharding_lib
 from vitjax.train import tasks
 from vitjax.train import workdir as workdir_lib
+from vitjax.train.tasks import base as tasks_base
 
 ConfigError = config_lib.ConfigError
 
@@ -96,6 +99,11 @@ def pair(low, high):
               + (f" <= {high}" if high is not None else ""))
 
 
+def _weights(value):
+  return hasattr(value, "items") and all(
+      isinstance(k, str) and _is_number(v) and v >= 0 for k, v in value.items())
+
+
 def _positive_numbers(value):
   values = value if isinstance(value, (tuple, list)) else (value,)
   return bool(values) and all(_is_number(v) and v > 0 for v in values)
@@ -137,6 +145,13 @@ RULES = (
     ("optimizer.b2", _RATE, 0.999),
     ("optimizer.momentum", or_none(_RATE, "no momentum"), 0.9),
     ("optimizer.layer_decay", or_none(number(0, 1, low_open=True), "off"), 0.75),
+    ("optimizer.sam_rho", or_none(number(0), "0 or None: no SAM"), 0.05),
+    ("ema.decay", or_none(number(0, 1, low_open=True, high_open=True), "no EMA"), 0.9998),
+    ("ema.warmup", Rule(lambda v: isinstance(v, bool), "True or False"), True),
+    ("ema.warmup_gamma", _POSITIVE, 1.0),
+    ("ema.warmup_power", _POSITIVE, 0.75),
+    ("aux_loss_weights", or_none(Rule(_weights, "a dict {name: weight >= 0}"), "all 1.0"),
+     "\"{'load_balance':0.01}\""),
     ("model.num_classes", integer(0), 10),  # 0: no head (features only).
     ("model.image_size", integer(1), 224),
     ("model.dropout", _RATE, 0.0),
@@ -161,6 +176,11 @@ RULES = (
 )
 
 _MISSING = object()
+
+# Sections whose keys vitjax knows all of: another key there is a typo, not an option.
+SECTION_KEYS = {"ema": ("decay", "warmup", "warmup_gamma", "warmup_power")}
+# Keys vitjax no longer reads -> the key to set instead.
+RENAMED_KEYS = {"init_weights": "init"}
 
 
 def validate(config, workdir, *, devices=None):
@@ -192,9 +212,11 @@ def lookup(config, dotted_key):
 
 
 def check_rules(config):
+  check_known_keys(config)
   for key, rule, example in RULES:
     value = lookup(config, key)
     if value is not _MISSING and not rule.test(value):
+      value = value.to_dict() if hasattr(value, "to_dict") else value  # A ConfigDict.
       raise ConfigError(f"config.{key}={value!r}: must be {rule.allowed}. Set it in the "
                         f"config file or on the command line, e.g. --config.{key}={example}.")
   try:
@@ -205,6 +227,21 @@ def check_rules(config):
     tasks.make_task(config)  # Unknown task names, and a task's own required keys.
   except ValueError as e:  # Their messages name the config keys.
     raise ConfigError(str(e)) from None
+
+
+def check_known_keys(config):
+  """Keys of `SECTION_KEYS`' sections are known ones; `RENAMED_KEYS` are not set."""
+  for old, new in RENAMED_KEYS.items():
+    if lookup(config, old) is not _MISSING:
+      raise ConfigError(f"config.{old} is not a vitjax key: set config.{new} instead.")
+  for section, known in SECTION_KEYS.items():
+    node = lookup(config, section)
+    for key in (node if hasattr(node, "items") else ()):
+      if key not in known:
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" Did you mean config.{section}.{close[0]}?" if close else ""
+        raise ConfigError(f"config.{section}.{key} is not a key of config.{section} (its keys: "
+                          f"{', '.join(known)}).{hint}")
 
 
 def check_workdir(workdir):
@@ -273,13 +310,8 @@ def check_mesh_and_batch_sizes(config, devices):
 
 def check_init(config):
   """Weights to start from (`init`, `teacher.init`) exist: a file or a directory."""
-  from vitjax.train import trainer  # pylint: disable=g-import-not-at-top
-  try:
-    init = trainer.init_weights_path(config)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  init_key = "init" if config.get("init") else "init_weights"
-  for key, value in ((init_key, init), ("teacher.init", lookup(config, "teacher.init"))):
+  for key in ("init", "teacher.init"):
+    value = lookup(config, key)
     if value is _MISSING or not value:
       continue
     # Two-tower models may take one path per tower: {'img': path, 'txt': path}.
@@ -365,12 +397,11 @@ def check_model(config):
   type, an image size that is not a whole number of patches) stop the run here.
   """
   from vitjax import models  # pylint: disable=g-import-not-at-top
-  from vitjax.train import trainer  # pylint: disable=g-import-not-at-top
   try:
-    return models.param_shapes(trainer.build_model(config))
+    return models.param_shapes(tasks_base.build_model(config))
   except models.UnknownModelError:
     raise
-  except (ValueError, TypeError) as e:
+  except (ValueError, models.UnknownOptionError) as e:  # Any other TypeError is a bug.
     raise ConfigError(f"config.model: {e}") from None
 
 

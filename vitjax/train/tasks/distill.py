@@ -37,8 +37,7 @@ import optax
 from vitjax import convert
 from vitjax.models import dummy_input, param_shapes
 from vitjax.train import sharding as sharding_lib
-from vitjax.train import trainer
-from vitjax.train.tasks.base import Task
+from vitjax.train.tasks.base import Task, build_model
 from vitjax.train.tasks.supervised import classification_targets
 
 DISTILLATION_TYPES = ("hard", "soft")
@@ -102,7 +101,7 @@ class Distillation(Task):
           f"config.task='distill' trains the student's distillation token, but "
           f"config.model ({self.config.model.name!r}) has none: set "
           f"config.model.distilled=True (a DeiT-style ViT with pool_type='token').")
-    self.teacher = trainer.build_model(types.SimpleNamespace(model=self.teacher_config.model))
+    self.teacher = build_model(types.SimpleNamespace(model=self.teacher_config.model))
     student_classes = _num_classes(student)
     teacher_classes = _num_classes(self.teacher)
     if student_classes != teacher_classes:
