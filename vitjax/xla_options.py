@@ -1,8 +1,8 @@
 """Per-compilation XLA options that make vitjax faster on a backend, where this JAX knows them.
 
 On a CPU, jax 0.10's XLA hands dots, reductions and the attention softmax to YNNPACK;
-its own (Eigen) dot kernels ran ViT-S/16 inference 20% faster on one core
-(BENCHMARKS.md). Only the order of float32 sums changes. Options are dropped, once per
+its own (Eigen) dot kernels ran ViT-S/16 inference faster (BENCHMARKS.md has the figure
+and its machine). Only the order of float32 sums changes. Options are dropped, once per
 process, where the installed XLA rejects them (names change between releases).
 """
 

@@ -88,7 +88,7 @@ def gelu(x):
 
   jax.nn.gelu's form, x/2 erfc(-x/√2), keeps relative precision far in the negative tail,
   where the values are below 1e-6 in magnitude; its erfc costs XLA:CPU three passes over
-  the (tokens, mlp_dim) activations against one for erf (ViT-S/16 training on a CPU: 5%).
+  the (tokens, mlp_dim) activations against one for erf (the CPU figure: BENCHMARKS.md).
   """
   return 0.5 * x * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
 

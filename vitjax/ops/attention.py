@@ -41,7 +41,7 @@ def attention_weights(q, k, *, bias=None, mask=None, causal=False, scale=None):
 def attention_output(weights, v):
   """Weights (batch, heads, q_len, k_len) applied to values (batch, k_len, heads, head_dim)."""
   # Values head-major, as the weights are: the same products, but XLA:CPU ran the backward
-  # of "bhqk,bkhd->bqhd" 1.7x slower (ViT-S/16 attention, BENCHMARKS.md).
+  # of "bhqk,bkhd->bqhd" slower (ViT-S/16 attention; the figure is in BENCHMARKS.md).
   out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), jnp.swapaxes(v, 1, 2))
   return jnp.swapaxes(out, 1, 2)
 

@@ -5,8 +5,8 @@ On a CPU the backward pass is arranged for XLA:CPU: the kernel's and the bias's 
 come from one matmul, `[x, 1]^T @ g`, whose last row is the bias gradient. Left to
 autodiff, the bias gradient is a sum of `g` over all its rows, which XLA:CPU rewrites into
 reduce-windows (a tree reduction, several times slower than the matmul's extra row) and
-which pulls the layout of `g` away from what the weight-gradient matmul wants. ViT-S/16
-trains 7-10% faster on a CPU this way (BENCHMARKS.md). On other platforms it is the
+which pulls the layout of `g` away from what the weight-gradient matmul wants (what it
+gains: BENCHMARKS.md, the ablation of the CPU training step). On other platforms it is the
 plain autodiff gradient: the extra row would cost a copy of `x` and misalign the
 accelerator's matmul tiles, for sums their compilers already do well.
 """
