@@ -55,6 +55,8 @@ def test_layer_pattern_places_blocks_and_scan_runs_its_unit(pattern, segments):
   logits, _ = model.apply({"params": params}, IMAGES)
   scanned_logits, _ = scanned_model.apply({"params": scanned_params}, IMAGES)
   chex.assert_trees_all_close(scanned_logits, logits, atol=1e-5, rtol=1e-5)
+  if len(found) > 1:
+    return  # Remat is checked once, on the scanned unit of two blocks (a compile each).
   # Remat wraps each block of the unit; the gradient is the same.
   loss = lambda m, p: jnp.sum(m.apply({"params": p}, IMAGES, train=True,
                                       rngs={"dropout": jax.random.PRNGKey(1)})[0] ** 2)
