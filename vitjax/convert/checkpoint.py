@@ -233,8 +233,8 @@ def _fit_posemb(params, model, template):
   num_prefix = len(prefix_names)
   model_prefix = model.num_prefix_tokens if getattr(model, "class_posemb", True) else 0
   length = posemb.shape[1]
-  has_prefix_rows = num_prefix and not (not _is_square(length - num_prefix)
-                                        and _is_square(length))
+  # Grid-only unless the rows past the prefix make a grid (or the whole does not).
+  has_prefix_rows = num_prefix and (_is_square(length - num_prefix) or not _is_square(length))
   if has_prefix_rows and not model_prefix:
     for i, name in enumerate(prefix_names):
       params[name] = params[name] + posemb[:, i:i + 1]
