@@ -34,6 +34,9 @@ def get_config(arg=None):
       image_key="image",  # TFDS feature names.
       label_key="label",
       num_threads=None,  # Batch-building threads; None: 0 in memory, up to 8 from disk.
+      num_workers=0,  # Training: grain worker processes building batches (0: this process).
+      repeated_augmentation=1,  # DeiT's repeated augmentation: 3.
+      device_preprocess=True,  # With per-example augmentation: uint8 batches, float ops in the step.
       # Augmentation (vitjax/data/augment.py, timm's semantics); all off for the digits.
       inception_crop=False,  # RandomResizedCrop with the scale and ratio ranges below.
       inception_crop_scale=(0.08, 1.0),

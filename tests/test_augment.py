@@ -29,6 +29,13 @@ def augmented_digits():
   return data.get_dataset(digits_config(**FULL_AUGMENTATION))
 
 
+def finished(dataset, batch):
+  """The batch the train step trains on: `dataset.device_fn` applied (if any), as numpy."""
+  if dataset.device_fn is None:
+    return batch
+  return {key: np.asarray(value) for key, value in dataset.device_fn(batch).items()}
+
+
 def assert_batches_equal(actual, expected):
   assert actual.keys() == expected.keys()
   for key in actual:
@@ -40,11 +47,13 @@ def test_full_augmentation_is_deterministic_and_resumable(augmented_digits):
       16, seed=7))]
   for step, batch in enumerate(stream):
     assert batch["image"].shape == (16, 16, 16, 3)
+    assert batch["image"].dtype == np.uint8  # Normalized, erased and mixed on the device.
+    assert_batches_equal(augmented_digits.train_batch(step, 16, seed=7), batch)
+    batch = finished(augmented_digits, batch)
     assert batch["image"].dtype == np.float32
     # Mixup / CutMix turn labels into soft targets over the 10 classes.
     assert batch["label"].shape == (16, 10)
     np.testing.assert_allclose(batch["label"].sum(-1), 1.0, rtol=1e-6)
-    assert_batches_equal(augmented_digits.train_batch(step, 16, seed=7), batch)
   resumed = next(augmented_digits.train_iter(16, seed=7, start_step=3))
   assert_batches_equal(resumed, stream[3])
   other_seed = augmented_digits.train_batch(0, 16, seed=8)
@@ -68,12 +77,30 @@ def test_augmentation_changes_images_but_not_unaugmented_passes():
   augmented = data.get_dataset(digits_config(
       **{**FULL_AUGMENTATION, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}))
   plain_batch = plain.train_batch(2, 32, seed=0)
-  augmented_batch = augmented.train_batch(2, 32, seed=0)
+  augmented_batch = finished(augmented, augmented.train_batch(2, 32, seed=0))
   np.testing.assert_array_equal(augmented_batch["label"], plain_batch["label"])
   changed = np.any(augmented_batch["image"] != plain_batch["image"], axis=(1, 2, 3))
   assert changed.mean() > 0.9
   assert np.abs(augmented_batch["image"]).max() < 10  # Normalized, not [0, 255].
   assert_batches_equal(next(augmented.eval_iter(64)), next(plain.eval_iter(64)))
+
+
+@pytest.mark.parametrize("mode", ["const", "pixel"])
+def test_device_preprocessing_equals_the_host_path(mode):
+  """uint8 on the host + normalize / erase / mix in the step = all of it on the host."""
+  options = {**FULL_AUGMENTATION, "random_erasing_prob": 0.5, "random_erasing_mode": mode}
+  on_device = data.get_dataset(digits_config(**options))
+  on_host = data.get_dataset(digits_config(**options, device_preprocess=False))
+  assert on_host.device_fn is None
+  for step in range(6):  # Mixup and CutMix batches both.
+    host = on_host.train_batch(step, 16, seed=1)
+    device = finished(on_device, on_device.train_batch(step, 16, seed=1))
+    np.testing.assert_allclose(device["label"], host["label"], atol=1e-6)
+    if mode == "const":
+      np.testing.assert_allclose(device["image"], host["image"], atol=1e-5)
+    else:  # Same boxes, noise from another generator: equal outside the boxes only.
+      differs = np.any(device["image"] != host["image"], axis=-1)
+      assert differs.mean() < 0.5
 
 
 def labelled_constant_images(num_examples, size=12):

@@ -40,6 +40,9 @@ def test_overrides_are_typed_by_the_existing_value():
   assert config.input.flip is True
   assert tuple(config.input.mean) == (0.1, 0.2, 0.3)
   assert config.data_dir == "/tmp/tfds"
+  # 'None' clears a string key (the error messages suggest `--config.init=None`).
+  config_lib.apply_overrides(config, ["data_dir=None", "model.name=none"])
+  assert config.data_dir is None and config.model.name is None
 
 
 @pytest.mark.parametrize("override,match", [

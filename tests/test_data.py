@@ -485,6 +485,8 @@ def test_dataset_configs_on_mock_data(spec):
     assert dataset.image_shape == (size, size, 3)
     stream = take(dataset.train_iter(4, seed=0), 2)
     assert_batches_equal([dataset.train_batch(1, 4, seed=0)], stream[1:])
+    if dataset.device_fn is not None:  # What the train step makes of them.
+      stream = [jax.tree_util.tree_map(np.asarray, dataset.device_fn(b)) for b in stream]
     for batch in stream:
       assert batch["image"].shape == (4, size, size, 3)
       assert np.isfinite(batch["image"]).all()

@@ -101,6 +101,8 @@ def _lookup_parent(config, dotted_key):
 def _parse_value(text, current, key):
   """Parses `text` into the type of the current value of `key`."""
   text = text.strip()
+  if text.lower() == "none" and (current is None or isinstance(current, str)):
+    return None  # `--config.init=None` means None, not the string 'None'.
   try:
     if isinstance(current, bool):
       lowered = text.lower()
@@ -118,8 +120,6 @@ def _parse_value(text, current, key):
       value = value if isinstance(value, (tuple, list)) else (value,)
       return type(current)(value)
     if current is None:
-      if text.lower() == "none":
-        return None
       try:
         return ast.literal_eval(text)
       except (ValueError, SyntaxError):

@@ -5,7 +5,7 @@ Per example, on uint8 images (what timm does with PIL before `ToTensor`):
   `rand_augment`        RandAugment: N random ops at magnitude M (timm's
                         'rand-m9-mstd0.5' op set; `increasing=True` is '-inc1').
 Per example, on normalized float images:
-  `random_erase`        timm's RandomErasing (one box, per-pixel normal noise).
+  `erase_box`, `random_erase`  timm's RandomErasing (one box, per-pixel normal noise).
 Per batch, on normalized float images and integer labels:
   `mixup_parameters`, `mix_batch`  Mixup / CutMix with mixed soft targets.
 
@@ -209,22 +209,17 @@ def rand_augment(rng: np.random.Generator, image: Image.Image, *,
 RANDOM_ERASING_MODES = ("pixel", "rand", "const")  # Noise per pixel, per channel, zeros.
 
 
-def random_erase(rng: np.random.Generator, image: np.ndarray, *,
-                 probability: float = 0.25, mode: str = "pixel",
-                 area: Sequence[float] = (0.02, 1 / 3),
-                 aspect: Sequence[float] = (0.3, 1 / 0.3)) -> np.ndarray:
-  """timm's RandomErasing on one normalized float [H, W, C] image.
+def erase_box(rng: np.random.Generator, height: int, width: int, *,
+              probability: float = 0.25, area: Sequence[float] = (0.02, 1 / 3),
+              aspect: Sequence[float] = (0.3, 1 / 0.3)
+              ) -> tuple[int, int, int, int] | None:
+  """(top, left, box_height, box_width) of timm's RandomErasing, or None (not erased).
 
   With `probability`, one box of area fraction uniform in `area` and aspect
-  ratio log-uniform in `aspect` (ten tries) is filled with standard normal
-  noise per pixel ('pixel'), per channel ('rand') or zeros ('const').
+  ratio log-uniform in `aspect`; ten tries, then none.
   """
-  if mode not in RANDOM_ERASING_MODES:
-    raise ValueError(f"random erasing mode must be 'pixel', 'rand' or 'const', "
-                     f"not {mode!r}.")
   if rng.random() > probability:
-    return image
-  height, width, channels = image.shape
+    return None
   log_aspect = np.log(aspect)
   for _ in range(10):
     target_area = rng.uniform(area[0], area[1]) * height * width
@@ -234,12 +229,32 @@ def random_erase(rng: np.random.Generator, image: np.ndarray, *,
     if box_width < width and box_height < height:
       top = int(rng.integers(0, height - box_height + 1))
       left = int(rng.integers(0, width - box_width + 1))
-      shape = {"pixel": (box_height, box_width, channels),
-               "rand": (1, 1, channels), "const": None}[mode]
-      image = image.copy()
-      image[top:top + box_height, left:left + box_width] = (
-          0.0 if shape is None else rng.standard_normal(shape, np.float32))
-      return image
+      return top, left, box_height, box_width
+  return None
+
+
+def random_erase(rng: np.random.Generator, image: np.ndarray, *,
+                 probability: float = 0.25, mode: str = "pixel",
+                 area: Sequence[float] = (0.02, 1 / 3),
+                 aspect: Sequence[float] = (0.3, 1 / 0.3)) -> np.ndarray:
+  """timm's RandomErasing on one normalized float [H, W, C] image.
+
+  The box of `erase_box` is filled with standard normal noise per pixel
+  ('pixel'), per channel ('rand') or zeros ('const').
+  """
+  if mode not in RANDOM_ERASING_MODES:
+    raise ValueError(f"random erasing mode must be 'pixel', 'rand' or 'const', "
+                     f"not {mode!r}.")
+  height, width, channels = image.shape
+  box = erase_box(rng, height, width, probability=probability, area=area, aspect=aspect)
+  if box is None:
+    return image
+  top, left, box_height, box_width = box
+  shape = {"pixel": (box_height, box_width, channels),
+           "rand": (1, 1, channels), "const": None}[mode]
+  image = image.copy()
+  image[top:top + box_height, left:left + box_width] = (
+      0.0 if shape is None else rng.standard_normal(shape, np.float32))
   return image
 
 

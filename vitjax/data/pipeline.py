@@ -7,8 +7,9 @@ batch is seeded by (seed, s). So resuming at step s needs no iterator state,
 only s, and each host computes its slice of the global batch independently.
 
 The pipeline never uses TensorFlow: images are numpy arrays from scikit-learn
-(digits) or `tfds.data_source` (everything else), and grain runs the batch
-function over steps, in parallel threads for datasets read from disk.
+(digits), `tfds.data_source` (TFDS names), image folders (`folder:PATH`) or
+WebDataset shards (`wds:PATTERN`), and grain runs the batch function over steps,
+in threads (input.num_threads) and optionally worker processes (input.num_workers).
 
 Training augmentation, in timm's order (see `vitjax.data.augment`):
   per example, uint8:   Inception crop (or resize), flip, RandAugment
@@ -18,6 +19,11 @@ Per-example randomness is seeded by (seed, stream position) and per-batch
 randomness by (seed, step), so a host's slice of a batch is augmented exactly
 as in the whole batch. Without Inception crop or RandAugment the cheaper
 float path (pad and crop, flip) of the quickstart runs instead.
+
+On the per-example path, grain maps examples and then batches them, and with
+input.device_preprocess (the default) the host stops at uint8: normalization,
+erasing and mixing run on the device in the jitted step (`vitjax.data.device`),
+from parameters drawn here.
 """
 
 import dataclasses
@@ -29,13 +35,17 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Protocol
 
 import grain
+from absl import flags
 import numpy as np
 from PIL import Image
 
 from vitjax.data import augment
+from vitjax.data import device
 from vitjax.data import digits
+from vitjax.data import folder as folder_data
 from vitjax.data import preprocess
-from vitjax.data import tfds as tfds_data
+from vitjax.data import sources
+from vitjax.data import webdataset
 
 Batch = dict[str, np.ndarray]
 
@@ -67,20 +77,25 @@ def _epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   return _rng(_SHUFFLE_STREAM, seed, epoch).permutation(num_examples)
 
 
-def shuffled_indices(positions: np.ndarray, *, seed: int,
-                     num_examples: int) -> np.ndarray:
+def shuffled_indices(positions: np.ndarray, *, seed: int, num_examples: int,
+                     repeats: int = 1) -> np.ndarray:
   """Example indices at `positions` of the endless training stream.
 
   Positions [e * N, (e + 1) * N) form epoch e, a permutation of range(N)
   seeded by (seed, e): every example is seen exactly once per epoch, and a
   batch may straddle two epochs.
+
+  With `repeats` r > 1 (DeiT's repeated augmentation), epoch e holds the first
+  N / r examples of its permutation, each r times in a row: the copies land in
+  one global batch and are augmented apart (augmentation is seeded by
+  position), as DeiT's RASampler spreads them over the GPUs of one step.
   """
   epochs, offsets = np.divmod(positions, num_examples)
   indices = np.empty_like(positions)
   for epoch in np.unique(epochs):
     in_epoch = epochs == epoch
     permutation = _epoch_permutation(seed, int(epoch), num_examples)
-    indices[in_epoch] = permutation[offsets[in_epoch]]
+    indices[in_epoch] = permutation[offsets[in_epoch] // repeats]
   return indices
 
 
@@ -100,8 +115,20 @@ class InputConfig:
     channels: 3 repeats grayscale to RGB so ImageNet-style models apply; 1
       keeps (or makes) images single-channel.
     image_key, label_key: TFDS feature names.
-    num_threads: threads building batches ahead of the trainer; None picks 0
-      for in-memory datasets and up to 8 for datasets read from disk.
+    num_threads: threads building batches ahead of the trainer (in each worker
+      process, with num_workers); None picks 0 for in-memory datasets and up
+      to 8 for datasets read from disk.
+    num_workers: training: grain worker processes (mp_prefetch) that build
+      whole batches, each with num_threads threads; 0 builds them in this
+      process. Processes sidestep the GIL that Python's glue between decodes
+      holds; they cost a start-up of a few seconds and memory per worker.
+    repeated_augmentation: training: each example appears this many times in
+      a row in the stream, differently augmented (DeiT's repeated
+      augmentation: 3); an epoch keeps its length, so it covers 1 / r of the
+      examples. 1 turns it off.
+    device_preprocess: per-example path: the host hands over uint8 images and
+      the jitted train step normalizes, erases and mixes them
+      (`vitjax.data.device`); False does all of it on the host (float32).
     inception_crop: train only: RandomResizedCrop of the decoded image to
       image_size, area fraction in `inception_crop_scale`, aspect ratio in
       `inception_crop_ratio` (timm/torchvision semantics, with the fallback).
@@ -136,6 +163,9 @@ class InputConfig:
   image_key: str = "image"
   label_key: str = "label"
   num_threads: int | None = None
+  num_workers: int = 0
+  repeated_augmentation: int = 1
+  device_preprocess: bool = True
   inception_crop: bool = False
   inception_crop_scale: Sequence[float] = (0.08, 1.0)
   inception_crop_ratio: Sequence[float] = (3 / 4, 4 / 3)
@@ -179,6 +209,12 @@ class InputConfig:
                        "are two random crops; set random_crop_padding=0.")
     if not 0 < self.crop_pct <= 1:
       raise ValueError(f"input.crop_pct must be in (0, 1], not {self.crop_pct}.")
+    if self.num_workers < 0 or (self.num_threads is not None and self.num_threads < 0):
+      raise ValueError(f"input.num_workers and input.num_threads must be >= 0, not "
+                       f"{self.num_workers} and {self.num_threads}.")
+    if self.repeated_augmentation < 1:
+      raise ValueError(f"input.repeated_augmentation must be >= 1 (1 turns it off), "
+                       f"not {self.repeated_augmentation}.")
 
   @property
   def augments_per_example(self) -> bool:
@@ -196,16 +232,16 @@ def _to_pil(image: np.ndarray) -> Image.Image:
 
 
 class Source(Protocol):
-  """One split with random access to examples."""
+  """One split with random access to examples (`sources.RecordSource` for files)."""
 
   def __len__(self) -> int:
     ...
 
-  def load(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(images float32 [n, H, W, C], labels int32 [n]) of examples `indices`."""
+  def load_tracked(self, indices: np.ndarray) -> sources.ReadResult:
+    """Images float32 [n, H, W, C] and labels int32 [n] of examples `indices`."""
 
-  def load_raw(self, indices: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-    """(images uint8 [H_i, W_i, C] as stored, labels) for per-example augmentation."""
+  def read(self, indices: np.ndarray) -> sources.ReadResult:
+    """Images as stored ([H_i, W_i, C]) and labels, for per-example augmentation."""
 
 
 class ArraySource:
@@ -218,12 +254,16 @@ class ArraySource:
   def __len__(self) -> int:
     return len(self.labels)
 
+  def load_tracked(self, indices: np.ndarray) -> sources.ReadResult:
+    return sources.ReadResult(self.images[indices], self.labels[indices], [], indices)
+
   def load(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return self.images[indices], self.labels[indices]
 
-  def load_raw(self, indices: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+  def read(self, indices: np.ndarray) -> sources.ReadResult:
     """uint8 [H, W, C] images (from [0, 1] floats) for the per-example path."""
-    return list(preprocess.to_uint8(self.images[indices])), self.labels[indices]
+    return sources.ReadResult(list(preprocess.to_uint8(self.images[indices])),
+                              self.labels[indices], [], indices)
 
 
 class _MappedSource:
@@ -237,9 +277,18 @@ class _MappedSource:
   def __len__(self) -> int:
     return len(self._source)
 
+  def __getattr__(self, name: str):
+    if name.startswith("_"):  # Not found on this object (also while unpickling).
+      raise AttributeError(name)
+    return getattr(self._source, name)  # captions, split, bad_indices, ...
+
+  def load_tracked(self, indices: np.ndarray) -> sources.ReadResult:
+    result = self._source.load_tracked(indices)
+    return dataclasses.replace(result, images=self._function(result.images))
+
   def load(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = self._source.load(indices)
-    return self._function(images), labels
+    result = self.load_tracked(indices)
+    return result.images, result.labels
 
 
 class Dataset:
@@ -248,15 +297,22 @@ class Dataset:
   Attributes:
     name: the dataset's name.
     num_classes: number of label classes.
+    classes: class names where the data has them (image folders), else None.
     num_train, num_eval: examples in the train and eval splits.
     image_shape: (H, W, C) of the images in every batch.
-    bad_images_skipped: undecodable records skipped so far by this process
-      (input.skip_bad_images); batches built ahead of the trainer count too.
+    bad_images_skipped: undecodable records skipped so far (input.skip_bad_images),
+      each counted once, whichever thread or worker process read it; samples
+      of truncated WebDataset shards count too.
+    with_captions: batches also carry `caption` (strings) from sources that
+      have captions (WebDataset); the contrastive task sets it.
+    device_fn: what the jitted step applies to a training batch first (uint8
+      images -> normalized, erased, mixed), or None when the host did it all.
   """
 
   def __init__(self, name: str, *, train_source: Source, eval_source: Source,
                num_classes: int, image_size: int, input_config: InputConfig,
-               num_threads: int = 0, train_eval_source: Source | None = None):
+               num_threads: int = 0, train_eval_source: Source | None = None,
+               classes: Sequence[str] | None = None):
     """Sources' images: float32 [image_size, image_size, C] in [0, 1].
 
     `train_eval_source` is the train split with the eval preprocessing (for
@@ -264,12 +320,15 @@ class Dataset:
     """
     self.name = name
     self.num_classes = num_classes
+    self.classes = list(classes) if classes is not None else None
     self.num_train = len(train_source)
     self.num_eval = len(eval_source)
     self.image_shape = (image_size, image_size, input_config.channels)
+    self.with_captions = False
     self._input = input_config
     self._num_threads = num_threads
     self._sources = [train_source, eval_source, train_eval_source]
+    self._skipped_in_batches = set()  # (split, index) reported by batches.
     # Channels, padding and normalization commute with picking examples, so
     # they are applied before augmentation; in-memory splits get them once
     # here, which leaves only a crop and a flip per training batch.
@@ -284,11 +343,26 @@ class Dataset:
 
   @property
   def bad_images_skipped(self) -> int:
-    bad = set()
+    bad = set(self._skipped_in_batches)
     for source in self._sources:
-      for index in getattr(source, "bad_indices", ()):
-        bad.add((getattr(source, "split", None), index))
+      split = getattr(source, "split", None)
+      bad.update((split, index) for index in getattr(source, "bad_indices", ()))
+      bad.update((split, "cut", i) for i in range(getattr(source, "num_cut", 0)))
     return len(bad)
+
+  @property
+  def has_captions(self) -> bool:
+    """Whether every training example has a caption (WebDataset `.txt` / `.json`)."""
+    return bool(getattr(self._train_raw, "has_captions", False))
+
+  @property
+  def device_fn(self) -> Callable[[Batch], Batch] | None:
+    config = self._input
+    if not (config.augments_per_example and config.device_preprocess):
+      return None
+    return functools.partial(device.finish_batch, mean=config.mean, std=config.std,
+                             num_classes=self.num_classes,
+                             erase_mode=config.random_erasing_mode)
 
   def _prepared(self, source: Source, padding: int) -> Source:
     def prepare(images: np.ndarray) -> np.ndarray:
@@ -319,6 +393,27 @@ class Dataset:
     start = process_index * local_batch_size
     positions = step * batch_size + start + np.arange(local_batch_size)
     return positions, slice(start, start + local_batch_size)
+
+  def _indices(self, positions: np.ndarray, seed: int) -> np.ndarray:
+    return shuffled_indices(positions, seed=seed, num_examples=self.num_train,
+                            repeats=self._input.repeated_augmentation)
+
+  def _captions(self, source: Source, read: np.ndarray) -> dict:
+    if not self.with_captions:
+      return {}
+    if not hasattr(source, "captions"):
+      raise ValueError(f"Dataset {self.name!r} has no captions (WebDataset shards with "
+                       ".txt or .json files have them).")
+    return {"caption": np.asarray(source.captions(read), dtype=object)}
+
+  def _record_skipped(self, batch: Batch) -> Batch:
+    """Moves a batch's `_skipped` (records it replaced) into bad_images_skipped."""
+    split = getattr(self._train_raw, "split", None)
+    self._skipped_in_batches.update((split, int(i)) for i in batch.pop("_skipped"))
+    return batch
+
+  # The per-example path: grain maps `_train_example` over stream positions,
+  # batches, then `_finish_train_batch` mixes.
 
   def _augment_example(self, image: np.ndarray,
                        rng: np.random.Generator) -> np.ndarray:
@@ -355,31 +450,99 @@ class Dataset:
           increasing=config.randaugment_increasing, fill=self._fill)
     return np.asarray(pil).reshape(size, size, config.channels)
 
-  def _augmented_images(self, indices: np.ndarray, positions: np.ndarray,
-                        seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The per-example path: normalized float32 images and labels."""
-    raw_images, labels = self._train_raw.load_raw(indices)
-    images = np.stack([
-        self._augment_example(image, _rng(_EXAMPLE_STREAM, seed, position))
-        for image, position in zip(raw_images, positions)])
-    # (x / 255 - mean) / std in one pass over the batch.
-    return preprocess.normalize(images.astype(np.float32),
-                                255 * np.asarray(self._input.mean),
-                                255 * np.asarray(self._input.std)), labels
+  def _train_example(self, position: int, *, seed: int) -> dict:
+    """Training example at stream `position`, augmented (the per-example path)."""
+    config = self._input
+    index = self._indices(np.asarray([position]), seed)
+    result = self._train_raw.read(index)
+    image = self._augment_example(preprocess.to_uint8(result.images[0]),
+                                  _rng(_EXAMPLE_STREAM, seed, position))
+    example = {"label": result.labels[0], "_position": np.int64(position),
+               "_skip_from": np.int64(index[0]), "_skip_count": np.int64(len(result.skipped)),
+               **{k: v[0] for k, v in self._captions(self._train_raw, result.indices).items()}}
+    erase_rng = _rng(_ERASE_STREAM, seed, position)
+    if config.device_preprocess:
+      example["image"] = image
+      if config.random_erasing_prob:
+        box = augment.erase_box(erase_rng, *image.shape[:2],
+                                probability=config.random_erasing_prob)
+        example["_erase_box"] = np.asarray(box or (0, 0, 0, 0), np.int32)
+        example["_erase_seed"] = np.uint32(erase_rng.integers(2**32))
+      return example
+    # (x / 255 - mean) / std in one pass.
+    image = preprocess.normalize(image[None].astype(np.float32),
+                                 255 * np.asarray(config.mean),
+                                 255 * np.asarray(config.std))[0]
+    if config.random_erasing_prob:
+      image = augment.random_erase(erase_rng, image, probability=config.random_erasing_prob,
+                                   mode=config.random_erasing_mode)
+    example["image"] = image
+    return example
+
+  def _finish_train_batch(self, batch: Batch, *, seed: int, batch_size: int) -> Batch:
+    """Stacked `_train_example`s -> the batch: skipped records listed, mixed."""
+    batch = dict(batch)
+    step = int(batch.pop("_position")[0]) // batch_size
+    skip_from, skip_count = batch.pop("_skip_from"), batch.pop("_skip_count")
+    batch["_skipped"] = np.asarray(
+        [(first + offset) % self.num_train
+         for first, count in zip(skip_from, skip_count) for offset in range(count)], np.int64)
+    if self._input.mixes:
+      lam, box = self._mix_parameters(step, seed)
+      if self._input.device_preprocess:
+        count = len(batch["label"])
+        batch["_mix_lam"] = np.full(count, lam, np.float32)
+        batch["_mix_box"] = np.tile(np.asarray(box or (0, 0, 0, 0), np.int32), (count, 1))
+      else:
+        batch["image"], batch["label"] = augment.mix_batch(
+            batch["image"], batch["label"], self.num_classes, lam=lam, box=box)
+    return batch
+
+  def _train_example_at(self, k: int, *, seed: int, batch_size: int, local_batch_size: int,
+                        host_start: int) -> dict:
+    """`_train_example` of this host's k-th example of the stream."""
+    step, offset = divmod(k, local_batch_size)
+    return self._train_example(step * batch_size + host_start + offset, seed=seed)
+
+  # The batch path (no per-example augmentation): whole batches, vectorized.
+
+  def _train_batch_tracked(self, step: int, batch_size: int, *, seed: int,
+                           process_index: int = 0, process_count: int = 1) -> Batch:
+    positions, host_slice = self._host_positions(
+        step, batch_size, process_index, process_count)
+    if self._input.augments_per_example:
+      examples = [self._train_example(int(p), seed=seed) for p in positions]
+      stacked = {key: np.stack([example[key] for example in examples])
+                 for key in examples[0]}
+      return self._finish_train_batch(stacked, seed=seed, batch_size=batch_size)
+    result = self._train.load_tracked(self._indices(positions, seed))
+    images = self._crop_and_flip(result.images, step, batch_size, seed, host_slice)
+    batch = self._erase_and_mix(images, result.labels, step, positions, seed)
+    batch.update(self._captions(self._train_raw, result.indices))
+    batch["_skipped"] = np.asarray([index for _, index in result.skipped], np.int64)
+    return batch
 
   def train_batch(self, step: int, batch_size: int, *, seed: int,
                   process_index: int = 0, process_count: int = 1) -> Batch:
     """This host's slice of the global training batch number `step`."""
-    positions, host_slice = self._host_positions(
-        step, batch_size, process_index, process_count)
-    indices = shuffled_indices(positions, seed=seed,
-                               num_examples=self.num_train)
-    if self._input.augments_per_example:
-      images, labels = self._augmented_images(indices, positions, seed)
-    else:
-      images, labels = self._train.load(indices)
-      images = self._crop_and_flip(images, step, batch_size, seed, host_slice)
-    return self._erase_and_mix(images, labels, step, positions, seed)
+    return self._record_skipped(self._train_batch_tracked(
+        step, batch_size, seed=seed, process_index=process_index,
+        process_count=process_count))
+
+  def _mix_parameters(self, step: int, seed: int) -> tuple[float, tuple | None]:
+    """(lambda, CutMix box or None) of global batch `step`.
+
+    One draw per global batch: every host mixes its slice alike.
+    """
+    config = self._input
+    rng = _rng(_MIX_STREAM, seed, step)
+    lam, use_cutmix = augment.mixup_parameters(
+        rng, mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
+        probability=config.mixup_prob, switch_probability=config.mixup_switch_prob)
+    box = None
+    if use_cutmix:
+      box, lam = augment.cutmix_box(rng, lam, *self.image_shape[:2])
+    return lam, box
 
   def _erase_and_mix(self, images: np.ndarray, labels: np.ndarray, step: int,
                      positions: np.ndarray, seed: int) -> Batch:
@@ -392,15 +555,7 @@ class Dataset:
                                mode=config.random_erasing_mode)
           for image, position in zip(images, positions)])
     if config.mixes:
-      # One draw per global batch: every host mixes its slice alike.
-      rng = _rng(_MIX_STREAM, seed, step)
-      lam, use_cutmix = augment.mixup_parameters(
-          rng, mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
-          probability=config.mixup_prob,
-          switch_probability=config.mixup_switch_prob)
-      box = None
-      if use_cutmix:
-        box, lam = augment.cutmix_box(rng, lam, *self.image_shape[:2])
+      lam, box = self._mix_parameters(step, seed)
       images, labels = augment.mix_batch(images, labels, self.num_classes,
                                          lam=lam, box=box)
     return {"image": images, "label": labels}
@@ -436,28 +591,37 @@ class Dataset:
     positions, _ = self._host_positions(
         step, batch_size, process_index, process_count)
     mask = positions < num_examples
-    valid_images, labels = source.load(positions[mask])
-    num_valid = len(labels)
+    result = source.load_tracked(positions[mask])
+    num_valid = len(result.labels)
     # Padding is zeros; the mask keeps it out of every metric.
     images = np.zeros((len(positions), *self.image_shape), np.float32)
-    images[:num_valid] = valid_images
+    images[:num_valid] = result.images
     padded_labels = np.zeros(len(positions), np.int32)
-    padded_labels[:num_valid] = labels
-    return {"image": images, "label": padded_labels, "mask": mask}
+    padded_labels[:num_valid] = result.labels
+    batch = {"image": images, "label": padded_labels, "mask": mask}
+    captions = self._captions(source, result.indices)
+    if captions:
+      batch["caption"] = np.concatenate(
+          [captions["caption"], np.full(len(positions) - num_valid, "", dtype=object)])
+    return batch
 
   def num_eval_steps(self, batch_size: int, split: str = "eval") -> int:
     """Batches in one pass over the eval (or train) split (the last one padded)."""
     return math.ceil(self._split_source(split)[1] / batch_size)
 
-  def _iterate(self, batch_fn: Callable[[int], Batch], start: int,
-               stop: int) -> Iterator[Batch]:
-    steps = grain.MapDataset.range(start, stop).map(batch_fn)
-    # Each element is a whole batch, so a thread builds one batch at a time
-    # and the buffer holds finished batches. Order is kept either way.
-    read_options = grain.ReadOptions(
-        num_threads=self._num_threads,
-        prefetch_buffer_size=max(1, self._num_threads))
-    return iter(steps.to_iter_dataset(read_options))
+  def _iterate(self, batches: grain.MapDataset, num_workers: int = 0) -> Iterator[Batch]:
+    # Order is kept whatever the threads and processes: element i is batch i.
+    read_options = grain.ReadOptions(num_threads=self._num_threads,
+                                     prefetch_buffer_size=max(1, self._num_threads))
+    dataset = batches.to_iter_dataset(read_options)
+    if num_workers:
+      # grain (before its fix of issue #1355) reads an absl flag in mp_prefetch, which
+      # fails in programs that never parse absl flags, as vitjax's CLI does not.
+      if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+      # Worker w builds batches w, w + n, ...; each batch is one worker's, whole.
+      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(dataset)
 
   def train_iter(self, batch_size: int, *, seed: int, start_step: int = 0,
                  process_index: int = 0, process_count: int = 1
@@ -465,15 +629,28 @@ class Dataset:
     """Endless training batches from `start_step` on.
 
     Yields dicts {'image': float32 [b, H, W, C], 'label': int32 [b]} where
-    b = batch_size // process_count is this host's slice of the global batch.
-    Starting at step s yields exactly what the s-th batch onwards of a run
-    from step 0 yields.
+    b = batch_size // process_count is this host's slice of the global batch
+    (with `device_fn`, uint8 images and the parameters it needs). Starting at
+    step s yields exactly what the s-th batch onwards of a run from step 0
+    yields, whatever input.num_threads and input.num_workers are.
     """
-    self._host_positions(0, batch_size, process_index, process_count)  # Checks.
-    batch_fn = functools.partial(
-        self.train_batch, batch_size=batch_size, seed=seed,
-        process_index=process_index, process_count=process_count)
-    return self._iterate(batch_fn, start_step, sys.maxsize)
+    _, host_slice = self._host_positions(0, batch_size, process_index, process_count)
+    local_batch_size = host_slice.stop - host_slice.start
+    last_step = sys.maxsize // batch_size
+    if self._input.augments_per_example:  # Map examples, then batch them.
+      example_fn = functools.partial(
+          self._train_example_at, seed=seed, batch_size=batch_size,
+          local_batch_size=local_batch_size, host_start=host_slice.start)
+      batches = (grain.MapDataset.range(start_step * local_batch_size,
+                                        last_step * local_batch_size)
+                 .map(example_fn).batch(local_batch_size)
+                 .map(functools.partial(self._finish_train_batch, seed=seed,
+                                        batch_size=batch_size)))
+    else:
+      batches = grain.MapDataset.range(start_step, last_step).map(functools.partial(
+          self._train_batch_tracked, batch_size=batch_size, seed=seed,
+          process_index=process_index, process_count=process_count))
+    return map(self._record_skipped, self._iterate(batches, self._input.num_workers))
 
   def eval_iter(self, batch_size: int, *, process_index: int = 0,
                 process_count: int = 1, split: str = "eval") -> Iterator[Batch]:
@@ -486,10 +663,11 @@ class Dataset:
     and in order (for few-shot and linear-probe evaluators).
     """
     self._host_positions(0, batch_size, process_index, process_count)  # Checks.
-    batch_fn = functools.partial(
-        self.eval_batch, batch_size=batch_size,
-        process_index=process_index, process_count=process_count, split=split)
-    return self._iterate(batch_fn, 0, self.num_eval_steps(batch_size, split))
+    batches = grain.MapDataset.range(self.num_eval_steps(batch_size, split)).map(
+        functools.partial(self.eval_batch, batch_size=batch_size,
+                          process_index=process_index, process_count=process_count,
+                          split=split))
+    return self._iterate(batches)
 
 
 def _digits_dataset(config: Any, input_config: InputConfig) -> Dataset:
@@ -513,7 +691,21 @@ def _digits_dataset(config: Any, input_config: InputConfig) -> Dataset:
       input_config=input_config, num_threads=input_config.num_threads or 0)
 
 
+def _disk_dataset(name: str, train: sources.RecordSource, eval_source: sources.RecordSource,
+                  input_config: InputConfig, classes=None) -> Dataset:
+  num_threads = input_config.num_threads
+  if num_threads is None:
+    num_threads = min(8, os.cpu_count() or 1)
+  return Dataset(
+      name, train_source=train, eval_source=eval_source,
+      train_eval_source=train.resized(input_config.crop_pct, input_config.interpolation),
+      num_classes=train.num_classes, image_size=train.image_size,
+      input_config=input_config, num_threads=num_threads, classes=classes)
+
+
 def _tfds_dataset(name: str, config: Any, input_config: InputConfig) -> Dataset:
+  # Imported here: digits and file datasets never load tensorflow_datasets.
+  from vitjax.data import tfds as tfds_data  # pylint: disable=g-import-not-at-top
   data_dir = _get(config, "data_dir")
   options = dict(image_key=input_config.image_key,
                  label_key=input_config.label_key,
@@ -525,16 +717,47 @@ def _tfds_dataset(name: str, config: Any, input_config: InputConfig) -> Dataset:
   eval_split = tfds_data.TfdsSplit(
       name, _get(config, "eval_split") or "test", data_dir=data_dir,
       image_size=train.image_size, crop_pct=input_config.crop_pct, **options)
-  num_threads = input_config.num_threads
-  if num_threads is None:
-    num_threads = min(8, os.cpu_count() or 1)
-  return Dataset(
-      name, train_source=train, eval_source=eval_split,
-      train_eval_source=train.resized(input_config.crop_pct,
-                                      input_config.interpolation),
-      num_classes=train.num_classes,
-      image_size=train.image_size, input_config=input_config,
-      num_threads=num_threads)
+  return _disk_dataset(name, train, eval_split, input_config)
+
+
+def _folder_dataset(root: str, config: Any, input_config: InputConfig) -> Dataset:
+  options = dict(image_size=input_config.image_size,
+                 interpolation=input_config.interpolation,
+                 skip_bad_images=input_config.skip_bad_images)
+  root = os.path.expanduser(root)
+  train = folder_data.FolderSplit(root, _get(config, "train_split") or "train", **options)
+  eval_split = folder_data.FolderSplit(root, _get(config, "eval_split") or "val",
+                                       classes=train.classes,
+                                       crop_pct=input_config.crop_pct, **options)
+  return _disk_dataset(f"folder:{root}", train, eval_split, input_config,
+                       classes=train.classes)
+
+
+def _wds_dataset(pattern: str, config: Any, input_config: InputConfig) -> Dataset:
+  options = dict(image_size=input_config.image_size,
+                 interpolation=input_config.interpolation,
+                 skip_bad_images=input_config.skip_bad_images)
+  train_split = _get(config, "train_split") or "train"
+  eval_split = _get(config, "eval_split") or "test"
+
+  def check(key, split):
+    if folder_data.parse_split(split)[0] != "train":
+      raise webdataset.ShardError(
+          f"config.{key}={split!r}: WebDataset shards have one split, 'train' (every "
+          "shard of the pattern). Hold examples out with slices, e.g. "
+          "--config.train_split='train[:99%]' --config.eval_split='train[99%:]', or "
+          "give the eval split its own shards: --config.eval_split='/data/val/*.tar'.")
+
+  check("train_split", train_split)
+  train = webdataset.WdsSplit(pattern, train_split, **options)
+  if webdataset.is_pattern(eval_split):
+    evaluation = webdataset.WdsSplit(eval_split, "train", num_classes=train.num_classes,
+                                     crop_pct=input_config.crop_pct, **options)
+  else:
+    check("eval_split", eval_split)
+    evaluation = webdataset.WdsSplit(pattern, eval_split, num_classes=train.num_classes,
+                                     crop_pct=input_config.crop_pct, **options)
+  return _disk_dataset(f"wds:{pattern}", train, evaluation, input_config)
 
 
 def _with_model_preprocessing(input_config: InputConfig,
@@ -562,13 +785,20 @@ def _with_model_preprocessing(input_config: InputConfig,
 def get_dataset(config: Any) -> Dataset:
   """The dataset that `config` names, with its input pipeline.
 
-  Reads config.dataset ('digits', the default, or a TFDS name such as 'mnist',
-  'cifar10', 'imagenet2012'), config.data_dir, config.train_split,
-  config.eval_split and config.input (see `InputConfig`).
+  Reads config.dataset: 'digits' (the default); a TFDS name such as 'mnist',
+  'cifar10', 'imagenet2012' (with config.data_dir); 'folder:PATH' (image
+  folders, `vitjax.data.folder`); or 'wds:PATTERN' (WebDataset shards,
+  `vitjax.data.webdataset`). Also config.train_split, config.eval_split and
+  config.input (see `InputConfig`).
   """
   name = _get(config, "dataset") or "digits"
   input_config = InputConfig.from_config(_get(config, "input"))
   input_config = _with_model_preprocessing(input_config, config)
   if name == "digits":
     return _digits_dataset(config, input_config)
+  kind, _, path = name.partition(":")
+  if kind == "folder" and path:
+    return _folder_dataset(path, config, input_config)
+  if kind == "wds" and path:
+    return _wds_dataset(path, config, input_config)
   return _tfds_dataset(name, config, input_config)

@@ -7,15 +7,13 @@ step directly (deterministic, resumable input). Preparing a dataset is a
 separate, one-off step; see `DatasetNotPreparedError`.
 """
 
-import copy
 import difflib
 import os
-import threading
 
-import numpy as np
 import tensorflow_datasets as tfds
 
-from vitjax.data import preprocess
+from vitjax.data import sources
+from vitjax.data.sources import BadImageError  # pylint: disable=unused-import
 
 
 class DatasetNotPreparedError(RuntimeError):
@@ -24,10 +22,6 @@ class DatasetNotPreparedError(RuntimeError):
 
 class UnknownDatasetError(ValueError):
   """No dataset of that name: neither 'digits' nor a registered TFDS builder."""
-
-
-class BadImageError(RuntimeError):
-  """A record whose image cannot be decoded (and skip_bad_images is off)."""
 
 
 def _data_dir_for_humans(data_dir: str | None) -> str:
@@ -72,17 +66,11 @@ def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
         f"TFDS builder.{hint} (tfds.list_builders() lists them all.)") from None
 
 
-class TfdsSplit:
-  """One split of a TFDS dataset: random access to resized [0, 1] images.
+class TfdsSplit(sources.RecordSource):
+  """One split of a TFDS dataset: random access to decoded images.
 
-  Attributes:
-    name: the TFDS name.
-    split: the split as given, e.g. 'train[:90%]'.
-    num_classes: from the label feature's ClassLabel.
-    image_size: side of the images that `load` returns.
+  Attributes (besides `sources.RecordSource`'s):
     channels: channels of the dataset's images (1 for MNIST, 3 for CIFAR).
-    bad_indices: records found undecodable and skipped (skip_bad_images);
-      shared with the copies that `resized` makes.
   """
 
   def __init__(self, name: str, split: str, *, data_dir: str | None,
@@ -115,92 +103,23 @@ class TfdsSplit:
         raise ValueError(f"{name!r} images differ in size; set "
                          "config.input.image_size.")
       image_size = min(image_shape[:2])
-    self.name = name
-    self.split = split
-    self.crop_pct = crop_pct
-    self.interpolation = interpolation
-    self.skip_bad_images = skip_bad_images
-    self.bad_indices = set()
-    self._bad_indices_lock = threading.Lock()
-    self.num_classes = features[label_key].num_classes
-    self.image_size = image_size
-    self.channels = image_shape[-1] if len(image_shape) == 3 else 1
+    super().__init__(
+        name=name, split=split, num_classes=features[label_key].num_classes,
+        image_size=image_size,
+        channels=image_shape[-1] if len(image_shape) == 3 else 1,
+        crop_pct=crop_pct, interpolation=interpolation, skip_bad_images=skip_bad_images)
     self._image_key = image_key
     self._label_key = label_key
 
   def __len__(self) -> int:
     return len(self._source)
 
-  def _to_float(self, image: np.ndarray) -> np.ndarray:
-    """One decoded image -> float32 [H, W, C] in [0, 1]."""
-    if image.ndim == 2:
-      image = image[..., None]
-    if np.issubdtype(image.dtype, np.integer):
-      return image.astype(np.float32) / np.iinfo(image.dtype).max
-    return image.astype(np.float32, copy=False)
+  def _where(self, index: int) -> str:
+    return f"record {index} of TFDS dataset {self.name!r}, split {self.split!r}"
 
-  def resized(self, crop_pct: float, interpolation: str) -> "TfdsSplit":
-    """The same records, loaded with another crop_pct and interpolation."""
-    split = copy.copy(self)  # Shares the open files and the bad-record set.
-    split.crop_pct, split.interpolation = crop_pct, interpolation
-    return split
-
-  def _fit(self, images: np.ndarray) -> np.ndarray:
-    """[n, H, W, C] -> [n, image_size, image_size, C]."""
-    if (images.shape[1:3] == (self.image_size, self.image_size)
-        and self.crop_pct == 1):
-      return images
-    return preprocess.resize_shorter_side_and_center_crop(
-        images, self.image_size, self.crop_pct, self.interpolation)
-
-  def _read_record(self, index: int) -> dict | None:
-    """The decoded example, or None if it is bad and bad images are skipped."""
-    try:
-      return self._source[index]
-    except Exception as error:  # pylint: disable=broad-except
-      # PIL alone raises OSError, SyntaxError or ValueError on bad bytes.
-      if not self.skip_bad_images:
-        raise BadImageError(
-            f"Cannot decode record {index} of TFDS dataset {self.name!r}, "
-            f"split {self.split!r}: {type(error).__name__}: {error}. Set "
-            "config.input.skip_bad_images=True to skip undecodable records "
-            "(each is replaced by the next readable one and counted in "
-            "dataset.bad_images_skipped).") from error
-      with self._bad_indices_lock:
-        self.bad_indices.add(index)
-      return None
-
-  def _read(self, index: int) -> dict:
-    """Record `index`, or with skip_bad_images the next readable one after it."""
-    for offset in range(len(self)):
-      example = self._read_record((index + offset) % len(self))
-      if example is not None:
-        return example
-    raise BadImageError(f"No record of TFDS dataset {self.name!r}, split "
-                        f"{self.split!r} can be decoded.")
-
-  def load_raw(self, indices: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-    """Decoded images as they are stored (uint8 [H, W, C], sizes vary), labels."""
-    examples = [self._read(int(index)) for index in indices]
-    labels = np.asarray([example[self._label_key] for example in examples],
-                        np.int32)
-    images = [preprocess.to_uint8(example[self._image_key])
-              for example in examples]
-    return images, labels
-
-  def load(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reads and decodes: (float32 [n, S, S, C] in [0, 1], int32 labels [n])."""
+  def _record(self, index: int):
     # One record at a time: batched `__getitems__` would be faster on real
     # files but is broken under tfds.testing.mock_data, which the tests use.
-    # The pipeline reads several batches in parallel threads instead.
-    examples = [self._read(int(index)) for index in indices]
-    labels = np.asarray([example[self._label_key] for example in examples],
-                        np.int32)
-    images = [self._to_float(example[self._image_key]) for example in examples]
-    if not images:
-      return np.zeros((0, self.image_size, self.image_size, self.channels),
-                      np.float32), labels
-    if len({image.shape for image in images}) == 1:
-      # Fixed-size datasets (MNIST, CIFAR): one batched resize is much faster.
-      return self._fit(np.stack(images)), labels
-    return np.concatenate([self._fit(image[None]) for image in images]), labels
+    # The pipeline reads several examples in parallel threads instead.
+    example = self._source[index]
+    return example[self._image_key], example[self._label_key]

@@ -84,8 +84,11 @@ def update_ema(ema, params, decay):
                                 ema, params)
 
 
-def _train_step(model, tx, task, options, state, batch, rng, constants):
+def _train_step(model, tx, task, options, state, batch, rng, constants, prepare_batch=None):
   """One optimizer update, over `grad_accum_steps` micro-batches; returns state and metrics.
+
+  `prepare_batch` (the dataset's `device_fn`) finishes the batch on the device first:
+  uint8 images normalized, erased and mixed.
 
   `state` holds params, opt_state and step, and `ema` (config.ema.decay) and `task`
   (the task's own state) when there are any. With `skip_nonfinite`, an update whose
@@ -99,6 +102,8 @@ def _train_step(model, tx, task, options, state, batch, rng, constants):
   and the perturbed gradient are each the whole batch's (the perturbation is one
   for the batch, as without accumulation).
   """
+  if prepare_batch is not None:
+    batch = prepare_batch(batch)
   step_rng = jax.random.fold_in(rng, state["step"])
   grad_fn = jax.value_and_grad(
       lambda params, task_state, micro_batch, micro_rng: task.training_loss(
@@ -318,7 +323,8 @@ def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progres
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
   train_step = jax.jit(
-      functools.partial(_train_step, model, tx, task, step_options(config)),
+      functools.partial(_train_step, model, tx, task, step_options(config),
+                        prepare_batch=dataset.device_fn),
       in_shardings=(state_shardings, batch_sharding, replicated, constant_shardings),
       out_shardings=(state_shardings, replicated),
       donate_argnums=(0,),

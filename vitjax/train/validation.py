@@ -346,6 +346,8 @@ def check_dataset(config):
       except ValueError as e:
         raise ConfigError(f"config.{key}={split!r}: {e}") from None
     num_classes = digits.NUM_CLASSES
+  elif name.startswith(("folder:", "wds:")):
+    num_classes = _check_files(config, name)
   else:
     num_classes = _check_tfds(config, name, splits, input_config)
   model_classes = lookup(config, "model.num_classes")
@@ -355,6 +357,16 @@ def check_dataset(config):
         f"config.model.num_classes={model_classes} but dataset {name!r} has {num_classes} "
         f"classes: labels >= {model_classes} would have no logit. Set "
         f"--config.model.num_classes={num_classes}.")
+
+
+def _check_files(config, name):
+  """Opens an image folder or WebDataset shards as the pipeline will (listing and index only)."""
+  from vitjax import data  # pylint: disable=g-import-not-at-top
+  from vitjax.data import folder, webdataset  # pylint: disable=g-import-not-at-top
+  try:
+    return data.get_dataset(config).num_classes
+  except (folder.FolderError, webdataset.ShardError, data.BadImageError) as e:
+    raise ConfigError(f"config.dataset={name!r}: {e}") from None
 
 
 def _check_tfds(config, name, splits, input_config):

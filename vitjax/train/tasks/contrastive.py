@@ -6,6 +6,8 @@
     config.init = 'vit.npz'                             # LiT: a pre-trained image tower,
     config.optimizer.freeze = '^img/'                   # ... locked
 
+Image-text data with captions of its own (WebDataset shards with `.txt` or
+img2dataset's `.json`, `--config.dataset=wds:PATTERN`) trains on those captions.
 Labelled image datasets become image-text datasets here: each training example
 gets a caption from a template ("a photo of the digit seven", "a handwritten 7")
 filled with its class name, the template drawn from (seed, step, position) so a
@@ -76,11 +78,15 @@ class CaptionedDataset:
 
   Training example i of step s gets the template drawn from (seed, s, i) (its
   position in the global batch, so hosts agree); evaluation example i gets template
-  `eval_template` (or the templates in turn, when None). Everything else (num_classes,
-  image_shape, ...) is the wrapped dataset's.
+  `eval_template` (or the templates in turn, when None). A dataset with captions of
+  its own (`has_captions`) gives those instead, in training and evaluation.
+  Everything else (num_classes, image_shape, ...) is the wrapped dataset's.
   """
 
   def __init__(self, dataset, class_names, templates, tokenizer, eval_template=0):
+    self.own_captions = bool(getattr(dataset, "has_captions", False))
+    if self.own_captions:
+      dataset.with_captions = True
     if len(class_names) < dataset.num_classes:
       raise ValueError(f"{len(class_names)} class names for a dataset of "
                        f"{dataset.num_classes} classes: set config.contrastive.class_names.")
@@ -96,8 +102,10 @@ class CaptionedDataset:
   def __getattr__(self, name):
     return getattr(self.dataset, name)
 
-  def _texts(self, labels, template_index):
-    labels = np.asarray(labels)
+  def _texts(self, batch, template_index):
+    if self.own_captions:
+      return self.tokenizer.encode(list(batch.pop("caption")))
+    labels = np.asarray(batch["label"])
     if labels.ndim == 2:  # Soft targets (Mixup): the caption of the strongest class.
       labels = labels.argmax(-1)
     return self.caption_tokens[labels, template_index]
@@ -110,7 +118,8 @@ class CaptionedDataset:
     for step, batch in enumerate(batches, start=start_step):
       choice = np.random.default_rng([seed, step, 0x7e47]).integers(
           len(self.templates), size=batch_size)[offset:offset + local]
-      yield {**batch, "text": self._texts(batch["label"], choice)}
+      text = self._texts(batch, choice)  # Takes the batch's own captions out.
+      yield {**batch, "text": text}
 
   def eval_iter(self, batch_size, *, process_index=0, process_count=1, split="eval"):
     local = batch_size // max(process_count, 1)
@@ -121,7 +130,8 @@ class CaptionedDataset:
         choice = positions % len(self.templates)
       else:
         choice = np.full(local, self.eval_template)
-      yield {**batch, "text": self._texts(batch["label"], choice)}
+      text = self._texts(batch, choice)
+      yield {**batch, "text": text}
 
 
 class Contrastive(Task):
