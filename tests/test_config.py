@@ -70,6 +70,9 @@ def test_missing_config_file_is_explained():
 @pytest.mark.parametrize("extra,message", [
     (["--config.batch_szie=3"], "batch_size"),
     (["--config.model.name=vit_bsae_patch16_224"], "vit_base_patch16_224"),
+    (["--config.dataset=folder:/nonexistent/imagenet", "--config.input.image_size=16"],
+     "error: config.dataset='folder:/nonexistent/imagenet': Image folder "
+     "'/nonexistent/imagenet' does not exist"),
 ])
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, extra, message):
   workdir = tmp_path / "run"
@@ -78,4 +81,5 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, extra, message):
       + extra, capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert result.returncode == 2, result.stderr
   assert message in result.stderr
+  assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
   assert not workdir.exists()

@@ -247,3 +247,43 @@ def test_lit_trains_on_webdataset_captions_through_the_cli(tmp_path):
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "zeroshot_top1" in result.stdout and "i2t_recall@1" in result.stdout
+
+
+def test_worker_processes_and_threads_make_the_same_batches(image_folder):
+  config = folder_config(image_folder, inception_crop=True, flip=True, randaugment_ops=2,
+                         mixup_alpha=0.8, random_erasing_prob=0.5, num_threads=2)
+  expected = [data.get_dataset(config).train_batch(step, 4, seed=1) for step in (2, 3, 4)]
+  config.input.num_workers = 2
+  iterator = data.get_dataset(config).train_iter(4, seed=1, start_step=2)
+  for batch in expected:
+    actual = next(iterator)
+    assert actual.keys() == batch.keys()
+    for key in batch:
+      np.testing.assert_array_equal(actual[key], batch[key], err_msg=key)
+
+
+def test_repeated_augmentation_repeats_each_image_in_a_row_augmented_apart():
+  positions = np.arange(12)
+  indices = data.shuffled_indices(positions, seed=0, num_examples=12, repeats=3)
+  assert (indices.reshape(4, 3) == indices[::3, None]).all()  # Each index 3 times in a row.
+  assert len(set(indices)) == 4  # An epoch keeps its length: a third of the images.
+  plain = data.shuffled_indices(positions, seed=0, num_examples=12)
+  np.testing.assert_array_equal(indices[::3], plain[:4])  # The epoch's permutation, in order.
+  digits_config = ml_collections.ConfigDict(dict(dataset="digits", input=dict(
+      image_size=16, inception_crop=True, flip=True, repeated_augmentation=3)))
+  dataset = data.get_dataset(digits_config)
+  batch = dataset.train_batch(0, 6, seed=0)
+  assert (batch["label"].reshape(2, 3) == batch["label"][::3, None]).all()
+  assert not np.array_equal(batch["image"][0], batch["image"][1])  # Augmented apart.
+
+
+def test_throughput_tool_measures_the_folder_it_writes(tmp_path, capsys):
+  from vitjax.data import throughput  # pylint: disable=g-import-not-at-top
+  rows = throughput.main(["--config", "configs/imagenet.py", "--jpegs", "16",
+                          "--jpeg_dir", str(tmp_path), "--batch_size", "4", "--steps", "2",
+                          "--workers", "1", "--config.input.image_size=32"])
+  assert [(kind, workers) for kind, workers, _ in rows] == [
+      ("vitjax threads", 1), ("vitjax processes", 1)]
+  assert all(rate > 0 for _, _, rate in rows)
+  assert "per worker" in capsys.readouterr().out
+  assert len(os.listdir(tmp_path / "train")) == 16  # 16 images in 16 of the 100 classes.

@@ -1,5 +1,6 @@
 """Two towers (CLIP / SigLIP / LiT): HF parity, the losses, zero-shot and retrieval, LiT training."""
 
+import json
 import numpy as np
 import pytest
 import jax
@@ -224,5 +225,7 @@ def test_lit_training_keeps_the_locked_image_tower_bitwise(tmp_path):
   assert set(flat) == set(expected) - {"head/kernel", "head/bias"}  # LiT: no image head.
   for name, value in flat.items():
     np.testing.assert_array_equal(np.asarray(value), expected[name], err_msg=name)
-  initial = vitjax.init_params(vitjax.train.build_model(config), rng=0)
-  assert not np.allclose(params["txt"]["head"]["kernel"], initial["txt"]["head"]["kernel"])
+  # The text tower did train: only it can have moved the weights.
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    updates = [row["train/update_norm"] for row in map(json.loads, f) if "train/update_norm" in row]
+  assert updates and all(norm > 0 for norm in updates)

@@ -94,7 +94,8 @@ def _list_images(directory: str, classes: list[str]) -> tuple[list[str], list[in
   """Relative paths ('CLASS/sub/x.jpg') and labels of every image, class by class."""
   # The config check and the trainer open the same folders seconds apart: list once.
   # A file added to or removed from a class folder changes the folder's mtime.
-  stamps = tuple(os.stat(os.path.join(directory, name)).st_mtime_ns for name in classes)
+  stamps = tuple(os.stat(path).st_mtime_ns if os.path.isdir(path) else -1
+                 for path in (os.path.join(directory, name) for name in classes))
   return _list_images_cached(directory, tuple(classes), stamps)
 
 

@@ -13,10 +13,29 @@ They are imported inside the functions so that vitjax imports without them.
 import time
 
 
+def _posterize_zero_bits_to_black():
+  """timm's PosterizeIncreasing asks for 0 bits at high magnitudes; Pillow >= 12 refuses.
+
+  Pillow before that masked every bit (a black image); this restores it, in this
+  process and in the DataLoader's forked workers. vitjax's RandAugment does the same.
+  """
+  from PIL import Image, ImageOps  # pylint: disable=g-import-not-at-top
+  original = ImageOps.posterize
+  if getattr(original, "zero_bits_black", False):
+    return
+
+  def posterize(image, bits):
+    return Image.new(image.mode, image.size) if bits < 1 else original(image, bits)
+
+  posterize.zero_bits_black = True
+  ImageOps.posterize = posterize
+
+
 def deit_transform(image_size: int, *, mean, std, interpolation="bicubic",
                    randaugment="rand-m9-mstd0.5-inc1", re_prob=0.25):
   """timm's training transform with DeiT's settings (DeiT's `build_transform`)."""
   from timm.data import create_transform  # pylint: disable=g-import-not-at-top
+  _posterize_zero_bits_to_black()
   return create_transform(
       image_size, is_training=True,
       scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
@@ -34,8 +53,8 @@ def _one_thread(worker_id):
 
 def images_per_second(folder: str, *, image_size: int, batch_size: int,
                       steps: int, num_workers: int, mean, std,
-                      interpolation="bicubic", seed=0) -> float:
-  """Training images/s of `steps` batches after one warm-up batch.
+                      interpolation="bicubic", seed=0, warmup=1) -> float:
+  """Training images/s of `steps` batches after `warmup` batches.
 
   num_workers=0 does all the work in this process; otherwise N worker processes.
   """
@@ -64,7 +83,8 @@ def images_per_second(folder: str, *, image_size: int, batch_size: int,
   torch.set_num_threads(1)
   try:
     iterator = batches()
-    next(iterator)  # Workers start and the first batches are prefetched.
+    for _ in range(warmup):
+      next(iterator)  # Workers start and the first batches are prefetched.
     start = time.perf_counter()
     for _ in range(steps):
       next(iterator)

@@ -74,13 +74,15 @@ def main(argv=None):
 def _exit_code(error):
   """2 for bad input, 1 for a failed run, None for anything else (a bug)."""
   from vitjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from vitjax import data  # pylint: disable=g-import-not-at-top
   from vitjax import models  # pylint: disable=g-import-not-at-top
   from vitjax.train import checkpoints  # pylint: disable=g-import-not-at-top
   from vitjax.train import trainer  # pylint: disable=g-import-not-at-top
   from vitjax.train import workdir  # pylint: disable=g-import-not-at-top
+  # A corrupt image met mid-run is bad input too: its message names the file and the fix.
   if isinstance(error, (config_lib.ConfigError, models.UnknownModelError,
                         workdir.WorkdirLockedError, checkpoints.DataStateMismatchError,
-                        checkpoints.CheckpointMismatchError)):
+                        checkpoints.CheckpointMismatchError, data.BadImageError)):
     return 2
   if isinstance(error, (trainer.TrainingDivergedError, checkpoints.CheckpointWriteError,
                         checkpoints.CheckpointError)):
