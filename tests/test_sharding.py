@@ -103,20 +103,18 @@ def _two_processes(workdir, extra=()):
   return outputs
 
 
-def test_two_processes_give_the_losses_of_one(tmp_path):
-  single = subprocess.run(_cli(tmp_path / "single"), capture_output=True, text=True,
-                          env=_env(2), cwd=ROOT, timeout=600)
+def test_two_processes_give_the_losses_of_one_and_agree_on_the_checkpoint_to_restore(tmp_path):
+  """Two jax.distributed processes train as one; then, when process 0 finds the latest
+  checkpoint unreadable, both hosts resume from the one before."""
+  steps = ["--config.checkpoint_every=2", "--config.keep_checkpoints=3"]
+  single = subprocess.run(_cli(tmp_path / "single", steps + ["--config.total_steps=4"]),
+                          capture_output=True, text=True, env=_env(2), cwd=ROOT, timeout=600)
   assert single.returncode == 0, single.stderr[-3000:]
-  outputs = _two_processes(tmp_path / "multi")
-  np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(tmp_path / "single"), atol=1e-5)
+  workdir = tmp_path / "multi"
+  outputs = _two_processes(workdir, steps + ["--config.total_steps=4"])
+  np.testing.assert_allclose(_losses(workdir), _losses(tmp_path / "single"), atol=1e-5)
   assert "Final eval top-1" in outputs[0][0]
 
-
-def test_two_processes_agree_on_the_checkpoint_to_restore(tmp_path):
-  """Process 0 finds the latest checkpoint unreadable: both hosts resume from the one before."""
-  workdir = tmp_path / "multi"
-  steps = ["--config.checkpoint_every=2", "--config.keep_checkpoints=3"]
-  _two_processes(workdir, steps + ["--config.total_steps=4"])
   latest = workdir / "checkpoints" / "4"
   for folder, _, names in os.walk(latest):
     for name in names:

@@ -287,3 +287,19 @@ def test_throughput_tool_measures_the_folder_it_writes(tmp_path, capsys):
   assert all(rate > 0 for _, _, rate in rows)
   assert "per worker" in capsys.readouterr().out
   assert len(os.listdir(tmp_path / "train")) == 16  # 16 images in 16 of the 100 classes.
+
+
+def test_vitjax_and_the_digits_pipeline_never_import_tensorflow_datasets():
+  code = (
+      "import sys, vitjax, vitjax.train\n"
+      "from vitjax import config, data\n"
+      "from vitjax.train import validation\n"
+      "c = config.load_config('configs/quickstart.py')\n"
+      "validation.check_dataset(c)\n"
+      "next(data.get_dataset(c).train_iter(8, seed=0))\n"
+      "assert 'tensorflow_datasets' not in sys.modules\n"
+      "data.UnknownDatasetError  # The TFDS errors load the TFDS reader when asked for.\n"
+      "assert 'tensorflow_datasets' in sys.modules\n")
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
