@@ -219,6 +219,7 @@ def test_folder_trains_through_the_cli_with_the_imagenet_config(tmp_path):
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "eval/top1" in open(tmp_path / "run" / "metrics.jsonl").read()
+  assert not result.stderr.strip(), result.stderr  # The worker processes end quietly.
 
 
 def test_lit_trains_on_webdataset_captions_through_the_cli(tmp_path):

@@ -58,12 +58,15 @@ def write_jpeg_folder(root: str, count: int, num_classes: int = 100) -> str:
 def measure(dataset, batch_size: int, steps: int, warmup: int = 1, seed: int = 0) -> dict:
   """Images/s of `steps` training batches after `warmup` batches (start-up excluded)."""
   iterator = dataset.train_iter(batch_size, seed=seed)
-  for _ in range(warmup):
-    next(iterator)  # Threads and processes start, files open, caches fill.
-  start = time.perf_counter()
-  for _ in range(steps):
-    next(iterator)
-  seconds = time.perf_counter() - start
+  try:
+    for _ in range(warmup):
+      next(iterator)  # Threads and processes start, files open, caches fill.
+    start = time.perf_counter()
+    for _ in range(steps):
+      next(iterator)
+    seconds = time.perf_counter() - start
+  finally:
+    iterator.close()
   return {"images_per_second": steps * batch_size / seconds,
           "seconds_per_batch": seconds / steps}
 

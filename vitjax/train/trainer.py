@@ -396,6 +396,9 @@ def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progres
         f". Rerun the same command to resume.") from None
   finally:
     bar.close()
+    close_batches = getattr(batches, "close", None)
+    if close_batches is not None:
+      close_batches()  # Input worker processes end here, not at interpreter exit.
     try:
       checkpointer.close()  # Waits for the last asynchronous save; raises if it failed.
     finally:

@@ -115,11 +115,14 @@ class CaptionedDataset:
     offset = process_index * local
     batches = self.dataset.train_iter(batch_size, seed=seed, start_step=start_step,
                                       process_index=process_index, process_count=process_count)
-    for step, batch in enumerate(batches, start=start_step):
-      choice = np.random.default_rng([seed, step, 0x7e47]).integers(
-          len(self.templates), size=batch_size)[offset:offset + local]
-      text = self._texts(batch, choice)  # Takes the batch's own captions out.
-      yield {**batch, "text": text}
+    try:
+      for step, batch in enumerate(batches, start=start_step):
+        choice = np.random.default_rng([seed, step, 0x7e47]).integers(
+            len(self.templates), size=batch_size)[offset:offset + local]
+        text = self._texts(batch, choice)  # Takes the batch's own captions out.
+        yield {**batch, "text": text}
+    finally:  # This generator's close() closes the dataset's iterator (worker processes).
+      getattr(batches, "close", lambda: None)()
 
   def eval_iter(self, batch_size, *, process_index=0, process_count=1, split="eval"):
     local = batch_size // max(process_count, 1)
