@@ -72,3 +72,25 @@ def test_pi_resize_is_jittable_keeps_the_dtype_and_the_same_size_is_identity():
   assert resized.dtype == jnp.bfloat16 and resized.shape == (6, 6, 3, 2)
   with pytest.raises(ValueError, match="method must be one of"):
     flexi.resize_matrix((4, 4), (6, 6), "area")
+
+
+def test_a_vit_runs_at_any_patch_size_with_its_own_weights():
+  """`model.apply(..., patch_size=p)`: PI-resized embedding, position embeddings to the grid."""
+  import vitjax  # pylint: disable=g-import-not-at-top
+  model = vitjax.create_model("vit", variant="mu/4", image_size=16, num_classes=10)
+  params = {"params": vitjax.init_params(model)}
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
+  apply = jax.jit(model.apply, static_argnames="patch_size")
+  logits, out = apply(params, images)
+  same_logits, same = apply(params, images, patch_size=4)  # The model's own: unchanged.
+  chex.assert_trees_all_equal((logits, out["head_input"]), (same_logits, same["head_input"]))
+  # Each 4x4 patch resized to 8x8, cut at 8: the same tokens, so the same features.
+  _, resized = apply(params, flexi.resize_patches(images, 4, 8), patch_size=8)
+  chex.assert_trees_all_close(resized["head_input"], out["head_input"], atol=1e-5)
+  _, finer = apply(params, images, patch_size=2)  # An 8x8 grid from the 4x4 model.
+  chex.assert_shape(finer["tokens"], (2, 64, model.width))
+  assert np.isfinite(np.asarray(finer["head_input"])).all()
+  with pytest.raises(ValueError, match="not a whole number of 5x5 patches"):
+    model.apply(params, images, patch_size=5)
+  with pytest.raises(ValueError, match="patch_size must be a positive int"):
+    model.apply(params, images, patch_size=0)

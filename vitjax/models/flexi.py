@@ -38,7 +38,9 @@ def resize_matrix(old_size: tuple[int, int], new_size: tuple[int, int],
   basis = np.eye(old_h * old_w, dtype=np.float64).reshape(-1, old_h, old_w)
   resize = functools.partial(jax.image.resize, shape=(new_h, new_w),
                              method=_JAX_METHODS.get(method, method), antialias=antialias)
-  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+  # Evaluated now, on the host, also when called while a jitted function is traced:
+  # the matrix depends on the sizes only.
+  with jax.ensure_compile_time_eval(), jax.default_device(jax.local_devices(backend="cpu")[0]):
     columns = np.asarray(jax.vmap(resize)(jnp.asarray(basis, jnp.float32)), np.float64)
   return columns.reshape(old_h * old_w, new_h * new_w).T
 

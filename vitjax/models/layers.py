@@ -202,7 +202,7 @@ class MAPHead(nn.Module):
     return x[:, 0]
 
 
-def patch_stem_input(module, images, stem, *, pad=None, image_size=None):
+def patch_stem_input(module, images, stem, *, pad=None, image_size=None, patch_size=None):
   """`images` checked for `module`'s patch embedding (the nn.Conv child named `stem`).
 
   Every family's stem calls this, so a wrong input fails here with a message that
@@ -215,10 +215,11 @@ def patch_stem_input(module, images, stem, *, pad=None, image_size=None):
   at least one patch; and a whole number of patches unless `pad` (the module's
   `dynamic_img_pad` by default), which zero-pads the bottom and right up to the next
   multiple of the patch, as timm's PatchEmbed(dynamic_img_pad=True). `image_size`:
-  the one size the model takes (MAE's fixed position embeddings).
+  the one size the model takes (MAE's fixed position embeddings). `patch_size`: the
+  size the images are cut into when it is not the module's (FlexiViT).
   """
   name = type(module).__name__
-  channels, patch = module.in_channels, module.patch_size
+  channels, patch = module.in_channels, patch_size or module.patch_size
   kernel = module.variables.get("params", {}).get(stem, {}).get("kernel")
   built_for = f"in_channels={channels}"
   if kernel is not None:  # Parameters fix the channels, whatever in_channels says.

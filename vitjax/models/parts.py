@@ -44,6 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vitjax.models import flexi
 from vitjax.models import posemb as posemb_lib
 from vitjax.models.layers import DropPath, LayerScale, MAPHead
 from vitjax.models.partitioning import constrain, logical
@@ -301,12 +302,25 @@ class PatchEmbedding(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images):
+  def __call__(self, images, patch_size=None):
+    """`patch_size` other than the kernel's: the kernel PI-resized to it (FlexiViT)."""
+    flexible = patch_size is not None and patch_size != self.patch_size
     return nn.Conv(self.width, (self.patch_size, self.patch_size), strides=self.patch_size,
                    padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
                    kernel_init=logical(nn.initializers.lecun_normal(), None, None, None, "embed"),
                    bias_init=logical(nn.initializers.zeros, "embed"),
+                   conv_general_dilated=_pi_resized_conv(patch_size) if flexible else None,
                    name="embedding")(images.astype(self.dtype))
+
+
+def _pi_resized_conv(patch_size):
+  """lax.conv_general_dilated with the kernel PI-resized to `patch_size` and that stride."""
+  def conv(inputs, kernel, strides, padding, **kwargs):
+    del strides  # The kernel's own patch size; the call's replaces it.
+    kernel = flexi.pi_resize_patch_kernel(kernel, patch_size)
+    return jax.lax.conv_general_dilated(inputs, kernel, (patch_size, patch_size), padding,
+                                        **kwargs)
+  return conv
 
 
 class PatchStem(nn.Module):
@@ -320,8 +334,11 @@ class PatchStem(nn.Module):
   `posemb_resize`. `rope` ('axial', 'mixed': 2-D; '1d': the token index) puts the
   tokens' RoPE positions in the token state.
 
-  `__call__(images)` -> `(tokens, token_state, out)` with `out['stem']` (the
-  patch embeddings, (B, N, width)) and `out['grid']` ((grid_h, grid_w)).
+  `__call__(images, patch_size=None)` -> `(tokens, token_state, out)` with
+  `out['stem']` (the patch embeddings, (B, N, width)) and `out['grid']` ((grid_h,
+  grid_w)). A `patch_size` other than the module's cuts the images into patches of
+  that size with the kernel PI-resized to it (FlexiViT), the position embeddings
+  resized to the grid that gives.
   Parameters: `embedding`, `cls`, `dist`, `pos_embedding`, `reg`, `embedding_norm`.
   """
   patch_size: int
@@ -344,9 +361,9 @@ class PatchStem(nn.Module):
     return int(self.class_token) + int(self.distillation_token)
 
   @nn.compact
-  def __call__(self, images):
+  def __call__(self, images, patch_size=None):
     x = share(self, PatchEmbedding(self.patch_size, self.width, self.dtype, self.param_dtype))(
-        images)
+        images, patch_size)
     batch, grid_h, grid_w, width = x.shape
     x = x.reshape(batch, grid_h * grid_w, width)
     out = {"stem": x, "grid": (grid_h, grid_w)}

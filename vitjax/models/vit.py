@@ -297,14 +297,23 @@ class VisionTransformer(nn.Module):
     return default, tuple(factory(entry) for entry in self.layers)
 
   @nn.compact
-  def __call__(self, images, train=False, step=None):
+  def __call__(self, images, train=False, step=None, patch_size=None):
+    """(logits, out) of NHWC `images`.
+
+    `patch_size` (FlexiViT): cut the images into patches of this size instead of the
+    model's, with the patch embedding PI-resized to it and the learned position
+    embeddings resized to the grid (vitjax.models.flexi); the weights stay as they are.
+    """
     self._check()
+    if patch_size is not None and (not isinstance(patch_size, int) or patch_size < 1):
+      raise ValueError(f"patch_size must be a positive int (the side of a patch in "
+                       f"pixels), not {patch_size!r}.")
     if train and self.uses_training_step and step is None:
       raise ValueError(f"This model's soft mask (soft_mask_steps={self.soft_mask_steps}) "
                        "follows the training step: call it with train=True, step=STEP "
                        "(vitjax.train does), or set soft_mask_steps=0.")
     deterministic = not train
-    images = patch_stem_input(self, images, "embedding")
+    images = patch_stem_input(self, images, "embedding", patch_size=patch_size)
     stem = parts.share(self, parts.PatchStem(
         patch_size=self.patch_size, width=self.width, image_size=self.image_size,
         class_token=self.pool_type == "token", distillation_token=self.distilled,
@@ -312,7 +321,7 @@ class VisionTransformer(nn.Module):
         class_posemb=self.class_posemb, class_token_position=self.class_token_position,
         embedding_norm=self.norm_factory() if self.embedding_norm else None, rope=self.rope,
         dtype=self.dtype, param_dtype=self.param_dtype))
-    x, token_state, out = stem(images)
+    x, token_state, out = stem(images, patch_size)
     del out["grid"]
     x = constrain(x, "act_batch", "act_length", "act_embed")
     x = nn.Dropout(rate=self.dropout)(x, deterministic)
