@@ -18,6 +18,9 @@ from vitjax import models
 # config), timm 1.0.31 with torch 2.13.0 (CPU), measured 2026-12-02. timm is not imported
 # here; to remeasure, run that expression in an environment with timm installed.
 TIMM_PARAMS = {
+    "flexivit_base": 86_589_160,  # timm 1.0.31 with torch 2.14.1, 2026-12-02.
+    "flexivit_large": 304_355_304,
+    "flexivit_small": 22_061_416,
     "deit3_base_patch16_224": 86_585_320,
     "deit3_base_patch16_384": 86_877_160,
     "deit3_huge_patch14_224": 632_126_440,

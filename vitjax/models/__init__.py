@@ -103,6 +103,15 @@ def _register_vits():
                **vit.decode_variant(f"{size}/{patch}"))
 
 
+  # FlexiViT (timm's names): patch 16 at 240 px, position embeddings of the patches
+  # only; `model.apply(..., patch_size=p)` runs them at any other patch size.
+  flexivit_paper = "FlexiViT: One Model for All Patch Sizes (Beyer et al., 2023)"
+  for size_name, size in (("small", "S"), ("base", "B"), ("large", "L")):
+    register(f"flexivit_{size_name}", vit.VisionTransformer, mean=INCEPTION_MEAN,
+             std=INCEPTION_STD, paper=flexivit_paper, crop_pct=0.95, image_size=240,
+             class_posemb=False, posemb_resize="bicubic", **vit.decode_variant(f"{size}/16"))
+
+
 def _register_rope_vits():
   """RoPE ViTs: DeiT-III (LayerScale, class token) with 2-D RoPE, by timm's and naver's names.
 
