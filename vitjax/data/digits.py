@@ -11,7 +11,10 @@ import math
 import re
 
 import numpy as np
+
 from sklearn import datasets as sklearn_datasets
+
+from vitjax.data import sources
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (8, 8, 1)
@@ -62,13 +65,12 @@ def split_indices(split: str, *, seed: int = SPLIT_SEED,
   return np.flatnonzero(is_test if split == "test" else ~is_test)
 
 
-def _split_slice(split: str) -> tuple[str, slice]:
-  """'train[:10%]' -> ('train', slice(None, '10%')); TFDS slicing, ends as counts or percents."""
+def _split_slice(split: str) -> None:
+  """Checks 'train', 'test[:50]', 'train[10%:]': TFDS slicing, ends as counts or percents."""
   match = re.fullmatch(r"(\w+)(?:\[(-?\d*%?):(-?\d*%?)\])?", split.replace(" ", ""))
   if not match:
     raise ValueError(f"Cannot read the digits split {split!r}: use 'train', 'test' or a "
                      "slice such as 'train[:10%]', 'train[100:]' or 'test[:50]'.")
-  return match.group(1), slice(match.group(2) or None, match.group(3) or None)
 
 
 def load_digits(split: str, *, seed: int = SPLIT_SEED,
@@ -80,13 +82,8 @@ def load_digits(split: str, *, seed: int = SPLIT_SEED,
   the first round(10% of 1,437) = 144 training images (a labelled fraction).
   """
   images, labels = _load_all()
-  name, part = _split_slice(split)
+  _split_slice(split)  # Digits' own message for a split it cannot read.
+  name, spec = sources.parse_split(split)
   indices = split_indices(name, seed=seed, test_fraction=test_fraction)
-
-  def position(end):  # '10%' -> round(10% of the split), '144' -> 144.
-    if end is None or not end.endswith("%"):
-      return None if end is None else int(end)
-    return round(len(indices) * int(end[:-1]) / 100)
-
-  indices = indices[position(part.start):position(part.stop)]
+  indices = indices[sources.slice_indices(len(indices), spec, split)]
   return images[indices], labels[indices]

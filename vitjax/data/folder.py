@@ -28,40 +28,6 @@ class FolderError(ValueError):
   """The folder, a split of it, or its classes are not where the config says."""
 
 
-def parse_split(split: str) -> tuple[str, str | None]:
-  """'train[:90%]' -> ('train', ':90%'); 'val' -> ('val', None)."""
-  split = split.strip()
-  if split.endswith("]") and "[" in split:
-    name, _, rest = split.partition("[")
-    return name.strip(), rest[:-1].strip()
-  return split, None
-
-
-def _bound(text: str, length: int, split: str) -> int | None:
-  text = text.strip()
-  if not text:
-    return None
-  try:
-    if text.endswith("%"):
-      # TFDS rounds percent boundaries to the closest example.
-      return int(round(float(text[:-1]) * length / 100))
-    return int(text)
-  except ValueError:
-    raise FolderError(f"Cannot read the slice of split {split!r}: {text!r} is neither "
-                      "a number nor a percentage. Write e.g. 'train[:90%]' or "
-                      "'val[:1000]'.") from None
-
-
-def slice_indices(length: int, spec: str | None, split: str) -> range:
-  """The indices a TFDS-style slice ('10%:', ':-500', '100:200') keeps of `length`."""
-  if spec is None:
-    return range(length)
-  if spec.count(":") != 1:
-    raise FolderError(f"Split {split!r}: a slice needs one ':', as in 'train[:90%]'.")
-  start, stop = (_bound(text, length, split) for text in spec.split(":"))
-  return range(length)[slice(start, stop)]
-
-
 def find_classes(directory: str) -> list[str]:
   """The class names of a split folder: its sub-folders, sorted (ImageFolder's order)."""
   return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
@@ -125,7 +91,7 @@ class FolderSplit(sources.RecordSource):
   def __init__(self, root: str, split: str, *, image_size: int | None,
                classes: list[str] | None = None, crop_pct: float = 1.0,
                interpolation: str = "bilinear", skip_bad_images: bool = False):
-    split_name, spec = parse_split(split)
+    split_name, spec = sources.parse_split(split)
     directory = _split_dir(root, split_name)
     own_classes = find_classes(directory)
     if classes is None:
@@ -143,7 +109,7 @@ class FolderSplit(sources.RecordSource):
       raise FolderError("Images in a folder differ in size: set "
                         "config.input.image_size (e.g. 224).")
     paths, labels = _list_images(directory, classes)
-    kept = slice_indices(len(paths), spec, split)
+    kept = sources.slice_indices(len(paths), spec, split)
     if not len(kept):
       raise FolderError(
           f"Split {split!r} of image folder {root!r} holds no images (looked for "

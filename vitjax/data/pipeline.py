@@ -768,7 +768,7 @@ def _wds_dataset(pattern: str, config: Any, input_config: InputConfig) -> Datase
   eval_split = _get(config, "eval_split") or "test"
 
   def check(key, split):
-    if folder_data.parse_split(split)[0] != "train":
+    if sources.parse_split(split)[0] != "train":
       raise webdataset.ShardError(
           f"config.{key}={split!r}: WebDataset shards have one split, 'train' (every "
           "shard of the pattern). Hold examples out with slices, e.g. "

@@ -25,6 +25,44 @@ class BadImageError(RuntimeError):
   """A record whose image cannot be decoded (and skip_bad_images is off)."""
 
 
+class SplitError(ValueError):
+  """A split name or slice that cannot be read ('train[:90%]' is one that can)."""
+
+
+def parse_split(split: str) -> tuple[str, str | None]:
+  """'train[:90%]' -> ('train', ':90%'); 'val' -> ('val', None)."""
+  split = split.strip()
+  if split.endswith("]") and "[" in split:
+    name, _, rest = split.partition("[")
+    return name.strip(), rest[:-1].strip()
+  return split, None
+
+
+def _bound(text: str, length: int, split: str) -> int | None:
+  text = text.strip()
+  if not text:
+    return None
+  try:
+    if text.endswith("%"):
+      # TFDS rounds percent boundaries to the closest example.
+      return int(round(float(text[:-1]) * length / 100))
+    return int(text)
+  except ValueError:
+    raise SplitError(f"Cannot read the slice of split {split!r}: {text!r} is neither "
+                      "a number nor a percentage. Write e.g. 'train[:90%]' or "
+                      "'val[:1000]'.") from None
+
+
+def slice_indices(length: int, spec: str | None, split: str) -> range:
+  """The indices a TFDS-style slice ('10%:', ':-500', '100:200') keeps of `length`."""
+  if spec is None:
+    return range(length)
+  if spec.count(":") != 1:
+    raise SplitError(f"Split {split!r}: a slice needs one ':', as in 'train[:90%]'.")
+  start, stop = (_bound(text, length, split) for text in spec.split(":"))
+  return range(length)[slice(start, stop)]
+
+
 @dataclasses.dataclass
 class ReadResult:
   """Records read by `RecordSource.read`: images as decoded, int32 labels, and the

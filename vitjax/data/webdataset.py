@@ -32,7 +32,6 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-from vitjax.data import folder
 from vitjax.data import sources
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -156,7 +155,7 @@ class WdsSplit(sources.RecordSource):
   def __init__(self, pattern: str, split: str = "train", *, image_size: int | None,
                num_classes: int | None = None, crop_pct: float = 1.0,
                interpolation: str = "bilinear", skip_bad_images: bool = False):
-    _, spec = folder.parse_split(split)
+    _, spec = sources.parse_split(split)
     self.paths = shard_paths(pattern)
     samples, self.num_cut = [], 0
     for shard, path in enumerate(self.paths):
@@ -164,7 +163,7 @@ class WdsSplit(sources.RecordSource):
       indexed, cut = _index_shard(path, shard, skip_bad_images, stat.st_size, stat.st_mtime_ns)
       samples.extend(indexed)
       self.num_cut += cut
-    samples = [samples[i] for i in folder.slice_indices(len(samples), spec, split)]
+    samples = [samples[i] for i in sources.slice_indices(len(samples), spec, split)]
     if not samples:
       raise ShardError(f"The WebDataset shards {pattern!r} (split {split!r}) hold no "
                        f"samples with an image ({', '.join(IMAGE_EXTENSIONS)}).")

@@ -362,10 +362,11 @@ def check_dataset(config):
 def _check_files(config, name):
   """Opens an image folder or WebDataset shards as the pipeline will (listing and index only)."""
   from vitjax import data  # pylint: disable=g-import-not-at-top
-  from vitjax.data import folder, webdataset  # pylint: disable=g-import-not-at-top
+  from vitjax.data import folder, sources, webdataset  # pylint: disable=g-import-not-at-top
   try:
     return data.get_dataset(config).num_classes
-  except (folder.FolderError, webdataset.ShardError, data.BadImageError) as e:
+  except (folder.FolderError, sources.SplitError, webdataset.ShardError,
+          data.BadImageError) as e:
     raise ConfigError(f"config.dataset={name!r}: {e}") from None
 
 
