@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from vitjax import ops
@@ -64,3 +65,23 @@ def test_pallas_tiles_can_be_swept_side_by_side():
       128, 64, 64, 32, num_warps=8, num_stages=3)
   with pytest.raises(SystemExit):
     bench_attention.main(TINY + ["--impl", "pallas:128xk"])
+
+
+def test_packed_rows_time_the_same_images_packed_and_padded():
+  rows = bench_attention.main(TINY + ["--impl", "xla,pallas", "--packed"])
+  packed = [row for row in rows if row["layout"] == "packed"]
+  padded = [row for row in rows if row["layout"] == "padded"]
+  assert len(packed) == len(padded) == 2  # One per implementation.
+  (shape,) = bench_attention.parse_shapes(TINY[TINY.index("--shapes") + 1])
+  packed_shape, padded_shape = bench_attention.navit_layouts(shape)
+  lengths = packed_shape.images
+  assert lengths == padded_shape.images and len(lengths) >= 2
+  # Each image's tokens, and only they, carry its segment id.
+  packed_ids = np.asarray(packed_shape.segment_ids())
+  assert np.bincount(packed_ids.ravel(), minlength=len(lengths) + 1)[1:].tolist() == list(lengths)
+  padded_ids = np.asarray(padded_shape.segment_ids())
+  assert padded_ids.shape == (len(lengths), max(lengths))
+  assert padded_ids.sum(axis=1).tolist() == list(lengths)
+  for row in packed + padded:  # Useful FLOPs only: equal for both layouts.
+    assert row["fwd_flops"] == 4 * sum(n * n for n in lengths) * shape.heads * shape.head_dim
+    assert row["fwd_ms"] > 0 and row["max_abs_diff"] < 1e-5

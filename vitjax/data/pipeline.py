@@ -43,6 +43,7 @@ from vitjax.data import augment
 from vitjax.data import device
 from vitjax.data import digits
 from vitjax.data import folder as folder_data
+from vitjax.data import packing as packing_lib
 from vitjax.data import preprocess
 from vitjax.data import sources
 from vitjax.data import webdataset
@@ -152,6 +153,10 @@ class InputConfig:
       ('vit_base_patch16_224'); '' (or False) keeps the input keys.
     skip_bad_images: replace undecodable records by the next readable one and
       count them (`Dataset.bad_images_skipped`) instead of raising.
+    packing: NaViT's packed sequences (a dict of `vitjax.data.packing.PackingConfig`
+      keys): images at their own (or a drawn) resolution and aspect ratio, packed
+      several per sequence of `seq_len` tokens; batch_size counts sequences.
+      None (the default): fixed-size images.
   """
   image_size: int | None = None
   random_crop_padding: int = 0
@@ -183,6 +188,7 @@ class InputConfig:
   interpolation: str = "bilinear"
   preprocess_from_model: bool | str = ""
   skip_bad_images: bool = False
+  packing: Any = None
 
   @classmethod
   def from_config(cls, input_config: Any) -> "InputConfig":
@@ -818,9 +824,27 @@ def get_dataset(config: Any) -> Dataset:
   `vitjax.data.webdataset`). Also config.train_split, config.eval_split and
   config.input (see `InputConfig`).
   """
-  name = _get(config, "dataset") or "digits"
   input_config = InputConfig.from_config(_get(config, "input"))
   input_config = _with_model_preprocessing(input_config, config)
+  dataset = _image_dataset(config, input_config)
+  if not input_config.packing:
+    return dataset
+  return packing_lib.PackedDataset(dataset, packing_config(config))
+
+
+def packing_config(config: Any) -> packing_lib.PackingConfig:
+  """config.input.packing, its patch size defaulting to the model's."""
+  model = _get(config, "model")
+  patch_size = _get(model, "patch_size")
+  if patch_size is None and _get(model, "variant"):
+    _, _, patch = str(_get(model, "variant")).partition("/")
+    patch_size = int(patch) if patch.isdigit() else None
+  return packing_lib.PackingConfig.from_config(_get(_get(config, "input"), "packing"),
+                                               patch_size=patch_size)
+
+
+def _image_dataset(config: Any, input_config: InputConfig) -> Dataset:
+  name = _get(config, "dataset") or "digits"
   if name == "digits":
     return _digits_dataset(config, input_config)
   kind, _, path = name.partition(":")

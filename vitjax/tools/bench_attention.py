@@ -2,7 +2,7 @@
 
     python -m vitjax.tools.bench_attention [--impl xla,cudnn,pallas]
         [--shapes vit|long|all|cpu|8x1024x12x64] [--dtype bfloat16] [--causal]
-        [--iters 20] [--warmup 3] [--markdown] [--json rows.json]
+        [--packed] [--iters 20] [--warmup 3] [--markdown] [--json rows.json]
 
 For every implementation and shape it reports the median forward and forward+backward
 time (compilation excluded), TFLOP/s, the memory XLA plans for each compiled executable,
@@ -10,6 +10,13 @@ and the largest difference of the forward output from the 'xla' reference.
 
 FLOPs follow the FlashAttention convention: forward = 4 * B * Tq * Tk * H * D, halved
 when causal; backward = 2.5x forward, so forward+backward = 3.5x forward.
+
+`--packed` adds, for every shape B x T, the attention of NaViT batches: images of
+T/16 to T/2 tokens (drawn with a fixed seed) packed first fit into the B sequences of
+T tokens with segment ids ('packed'), and the same images one per sequence, each
+padded to the longest ('padded', segment id 0 on the padding, as an attention mask).
+Their TFLOP/s count the images' own attention only (sum of n^2 over the images), so
+the two layouts compare as images per second do.
 
 Memory is temporaries + outputs from `compiled.memory_analysis()`: the device's peak
 counter cannot be reset between cases, whereas the analysis is per executable and works
@@ -38,6 +45,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vitjax import ops
 
@@ -65,16 +73,56 @@ class Shape:
   heads: int
   head_dim: int
   causal: bool = False
+  # NaViT layouts (--packed): 'packed' or 'padded', and the images' token counts.
+  layout: str | None = None
+  images: tuple[int, ...] = ()
 
   @property
   def label(self):
     lengths = (self.q_len,) if self.q_len == self.k_len else (self.q_len, self.k_len)
-    return "x".join(str(n) for n in (self.batch, *lengths, self.heads, self.head_dim))
+    label = "x".join(str(n) for n in (self.batch, *lengths, self.heads, self.head_dim))
+    return f"{label} {self.layout} ({len(self.images)} images)" if self.layout else label
 
   @property
   def forward_flops(self):
+    if self.layout:  # The images' own attention: padding and other images are waste.
+      return 4 * sum(n * n for n in self.images) * self.heads * self.head_dim
     flops = 4 * self.batch * self.q_len * self.k_len * self.heads * self.head_dim
     return flops // 2 if self.causal else flops
+
+  def segment_ids(self):
+    """(batch, length) int32 segment ids of a NaViT layout (0: padding), else None."""
+    if not self.layout:
+      return None
+    ids = np.zeros((self.batch, self.q_len), np.int32)
+    if self.layout == "padded":
+      for row, length in enumerate(self.images):
+        ids[row, :length] = 1
+      return jnp.asarray(ids)
+    filled = np.zeros(self.batch, np.int64)
+    for image, length in enumerate(self.images):
+      row = int(np.flatnonzero(filled + length <= self.q_len)[0])
+      ids[row, filled[row]:filled[row] + length] = image + 1
+      filled[row] += length
+    return jnp.asarray(ids)
+
+
+def navit_layouts(shape, seed=0):
+  """The 'packed' and 'padded' shapes of the images that fill `shape`'s sequences (first fit)."""
+  rng = np.random.default_rng(seed)
+  length, images = shape.q_len, []
+  filled = np.zeros(shape.batch, np.int64)
+  while True:
+    size = int(rng.integers(max(1, length // 16), max(2, length // 2) + 1))
+    room = np.flatnonzero(filled + size <= length)
+    if not len(room):
+      break
+    filled[room[0]] += size
+    images.append(size)
+  images = tuple(images)
+  return [dataclasses.replace(shape, causal=False, layout="packed", images=images),
+          Shape(len(images), max(images), max(images), shape.heads, shape.head_dim,
+                layout="padded", images=images)]
 
 
 def _square(batch, length, heads, head_dim, causal=False):
@@ -150,16 +198,20 @@ def parse_block_sizes(name):
 
 
 def attention_function(name):
-  """attend(q, k, v, causal) for a vitjax implementation name or an EXTERNAL one."""
+  """attend(q, k, v, causal, segment_ids=None) for a vitjax implementation or an EXTERNAL one."""
   if name in EXTERNAL:
-    return EXTERNAL[name][1]
+    def external(q, k, v, causal, segment_ids=None):
+      if segment_ids is not None:
+        raise ValueError(f"{name} is run without segment ids here.")
+      return EXTERNAL[name][1](q, k, v, causal)
+    return external
   blocks = parse_block_sizes(name)
   if blocks is not None:
-    return lambda q, k, v, causal: ops.flash_attention(q, k, v, causal=causal,
-                                                       block_sizes=blocks)
+    return lambda q, k, v, causal, segment_ids=None: ops.flash_attention(
+        q, k, v, causal=causal, segment_ids=segment_ids, block_sizes=blocks)
   implementation = None if name == "auto" else name
-  return lambda q, k, v, causal: ops.dot_product_attention(
-      q, k, v, causal=causal, implementation=implementation)
+  return lambda q, k, v, causal, segment_ids=None: ops.dot_product_attention(
+      q, k, v, causal=causal, segment_ids=segment_ids, implementation=implementation)
 
 
 def default_implementations(platform):
@@ -223,8 +275,11 @@ def make_inputs(shape, dtype, seed=0):
   return q, k, v, cotangent
 
 
-def reference_output(q, k, v, causal):
+def reference_output(q, k, v, causal, segment_ids=None):
   """The 'xla' output in fp32, computed a group of (batch, head) pairs at a time."""
+  if segment_ids is not None:  # NaViT layouts: at most a few thousand tokens a row.
+    return jax.jit(lambda q, k, v: ops.dot_product_attention(
+        q, k, v, segment_ids=segment_ids, implementation="xla"))(q, k, v).astype(jnp.float32)
   batch, q_len, heads, _ = q.shape
   k_len = k.shape[1]
 
@@ -244,7 +299,9 @@ def bench_one(name, shape, inputs, reference, *, iters, warmup):
   """One row: times, TFLOP/s, memory and error of implementation `name` on `shape`."""
   q, k, v, cotangent = inputs
   attend = attention_function(name)
+  segment_ids = shape.segment_ids()
   row = {"implementation": name, "shape": shape.label, "batch": shape.batch,
+         "layout": shape.layout, "images": len(shape.images) or None,
          "q_len": shape.q_len, "k_len": shape.k_len, "heads": shape.heads,
          "head_dim": shape.head_dim, "causal": shape.causal, "dtype": str(q.dtype),
          "fwd_flops": shape.forward_flops, "fwd_bwd_flops": 7 * shape.forward_flops // 2,
@@ -253,7 +310,9 @@ def bench_one(name, shape, inputs, reference, *, iters, warmup):
          "fwd_error": None, "fwd_bwd_error": None}
 
   def forward(q, k, v):
-    return attend(q, k, v, shape.causal)
+    if segment_ids is None:
+      return attend(q, k, v, shape.causal)
+    return attend(q, k, v, shape.causal, segment_ids=segment_ids)
 
   def loss(q, k, v, cotangent):
     return jnp.sum(forward(q, k, v).astype(jnp.float32) * cotangent)
@@ -288,7 +347,7 @@ def run(implementations, shapes, dtype, *, iters, warmup, on_row=None):
   for shape in shapes:
     inputs = make_inputs(shape, dtype)
     try:
-      reference = reference_output(*inputs[:3], shape.causal)
+      reference = reference_output(*inputs[:3], shape.causal, shape.segment_ids())
     except Exception:  # pylint: disable=broad-except
       reference = None  # The error column then says n/a; the timings still run.
     for name in implementations:
@@ -314,7 +373,7 @@ _COLUMNS = (
     ("max_abs_diff", "max|diff| vs xla", "max abs diff vs xla"),
     ("note", "note", "note"),
 )
-_WIDTHS = {"implementation": 24, "shape": 16}
+_WIDTHS = {"implementation": 24, "shape": 30}  # NaViT rows: "2x256x4x32 packed (9 images)".
 
 
 def _number(x):
@@ -405,6 +464,9 @@ def main(argv=None):
                       help="default: bfloat16, or float32 on a CPU")
   parser.add_argument("--causal", action="store_true",
                       help="causal attention only (by default the long shapes run both)")
+  parser.add_argument("--packed", action="store_true",
+                      help="also NaViT batches of each shape: images packed with segment ids "
+                      "beside the same images padded one per sequence")
   parser.add_argument("--iters", type=int, default=20, help="timed samples; the median is reported")
   parser.add_argument("--warmup", type=int, default=3, help="untimed calls after compiling")
   parser.add_argument("--markdown", action="store_true", help="a Markdown table for BENCHMARKS.md")
@@ -425,6 +487,8 @@ def main(argv=None):
     shapes = parse_shapes(args.shapes or ("cpu" if on_cpu else "all"), causal_only=args.causal)
   except ValueError as error:
     parser.error(str(error))
+  if args.packed:
+    shapes = [s for shape in shapes for s in (shape, *navit_layouts(shape))]
   dtype = jnp.dtype(args.dtype or ("float32" if on_cpu else "bfloat16"))
 
   command = f"python -m vitjax.tools.bench_attention {shlex.join(argv)}".rstrip()
