@@ -5,13 +5,14 @@
 #
 #   bash experiments/gpu_session.sh check       # kernels vs 'xla' on the GPU (~5 min)
 #   bash experiments/gpu_session.sh attention   # bench_attention, ViT and long shapes
+#   bash experiments/gpu_session.sh packed      # NaViT: packed (segment ids) vs padded
 #   bash experiments/gpu_session.sh sweep       # Pallas tiles vs cuDNN on three shapes
 #   bash experiments/gpu_session.sh throughput  # ViT-B/16 bf16 train + infer vs timm
 #
 # Each step fits one 10-minute device call; results go to $OUT (default gpu_results/),
 # ready to paste into BENCHMARKS.md with the device line printed first.
 set -uo pipefail
-step=${1:?"which step: check, attention, sweep or throughput"}
+step=${1:?"which step: check, attention, packed, sweep or throughput"}
 out=${OUT:-gpu_results}
 mkdir -p "$out"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
@@ -32,11 +33,15 @@ case "$step" in
       --shapes 256x197x12x64,16x1024x32x64,4x4096x16x128,4x4096x32x64 \
       --impl xla,cudnn,pallas,pallas:64x64x64x64x4x2,pallas:128x64x64x64x4x3,pallas:128x128x64x64x8x2,pallas:128x64x128x64x8x2,pallas:64x128x64x128x4x3 \
       2>&1 | tee "$out/sweep.md" ;;
+  packed)
+    # NaViT: images packed with segment ids beside the same images padded, one per row.
+    python3 -m vitjax.tools.bench_attention --markdown --json "$out/packed.json" --packed \
+      --shapes 32x1024x12x64,8x4096x12x64 --impl xla,cudnn,pallas 2>&1 | tee "$out/packed.md" ;;
   throughput)
     for mode in train infer; do
       python3 -m vitjax.tools.benchmark --model vit_base_patch16_224 --batch 256 \
         --mode "$mode" --dtype bfloat16 --markdown --json "$out/$mode.json" \
         2>&1 | tee "$out/$mode.md"
     done ;;
-  *) echo "unknown step '$step': check, attention, sweep or throughput" >&2; exit 2 ;;
+  *) echo "unknown step '$step': check, attention, packed, sweep or throughput" >&2; exit 2 ;;
 esac

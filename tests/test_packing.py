@@ -1,7 +1,11 @@
-"""NaViT's packed input: patchify, first-fit packing, deterministic and resumable batches."""
+"""NaViT's packed input pipeline: first-fit packing, deterministic and resumable batches."""
+
+import json
+import os
+import subprocess
+import sys
 
 import chex
-import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -9,6 +13,9 @@ import pytest
 from vitjax import config as config_lib
 from vitjax import data
 from vitjax.data import packing
+from vitjax.models import navit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**packing_options):
@@ -20,24 +27,20 @@ def _config(**packing_options):
   return config
 
 
-def test_patch_order_is_the_patch_embedding_kernels():
-  """A (p, p, C, width) kernel reshaped to (p*p*C, width) on the patches is the strided conv."""
-  rng = np.random.default_rng(0)
-  image = rng.normal(size=(12, 8, 3)).astype(np.float32)
-  kernel = rng.normal(size=(4, 4, 3, 5)).astype(np.float32)
-  patches, coords = packing.patchify(image, 4)
-  chex.assert_shape(patches, (6, 48))
-  np.testing.assert_array_equal(coords, [[0, 0], [0, 1], [1, 0], [1, 1], [2, 0], [2, 1]])
-  conv = jax.lax.conv_general_dilated(image[None], kernel, (4, 4), "VALID",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))[0]
-  np.testing.assert_allclose(patches @ kernel.reshape(48, 5), conv.reshape(6, 5),
-                             rtol=1e-5, atol=1e-5)
-  with pytest.raises(ValueError, match="whole number of 4x4 patches"):
-    packing.patchify(image[:10], 4)
+def test_unpack_gives_back_the_images_packed():
+  rng = np.random.default_rng(1)
+  images = [rng.normal(size=shape).astype(np.float32) for shape in
+            [(8, 12, 3), (4, 4, 3), (12, 4, 3)]]
+  examples = [navit.patchify(image, 4) for image in images]
+  placements = navit.first_fit([len(e[0]) for e in examples], 8, 2, 4)
+  assert placements == [(0, 0), (0, 1), (1, 0)]
+  image = navit.pack_examples(examples, placements, length=8, max_images=4, num_sequences=2)
+  unpacked = packing.unpack(image, 0, 4) + packing.unpack(image, 1, 4)
+  chex.assert_trees_all_equal(unpacked, images)
 
 
 def test_first_fit_takes_the_first_sequence_with_room_and_a_slot():
-  placements = packing.first_fit([5, 4, 3, 2, 6, 1], seq_len=8, num_sequences=2, max_images=2)
+  placements = navit.first_fit([5, 4, 3, 2, 6, 1], length=8, num_sequences=2, max_images=2)
   # 5 -> seq 0; 4 -> seq 1; 3 -> seq 0 (full: 8); 2 -> seq 1; 6 fits nowhere; 1: no slot left.
   assert placements == [(0, 0), (1, 0), (0, 1), (1, 1), None, None]
 
@@ -107,3 +110,34 @@ def test_every_image_is_packed_once_for_evaluation_at_its_own_size():
 def test_bad_packing_options_are_named(options, message):
   with pytest.raises(ValueError, match=message):
     packing.PackingConfig.from_config(options, patch_size=4)
+
+
+def test_a_navit_trains_on_packed_digits_and_logs_the_packing(tmp_path):
+  from vitjax import train  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config("configs/navit_digits.py:steps=4,drop_max=0.5")
+  config.unlock()
+  del config.model["variant"]
+  config.model.update(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=4)
+  config_lib.apply_overrides(config, ["batch_size=4", "eval_batch_size=16", "log_every=2",
+                                      "eval_every=4", "checkpoint_every=4"])
+  result = train.train(config, tmp_path / "run", progress=False)
+  assert 0 <= result["eval/top1"] <= 1
+  rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  logged = [row for row in rows if "train/packed_images" in row]
+  assert len(logged) == 2
+  for row in logged:
+    # 4 sequences of 64 tokens; 8-24 px digits of 4-36 tokens, up to half of them dropped.
+    assert 4 <= row["train/packed_images"] <= 32
+    assert 0 <= row["train/padding_fraction"] < 0.5
+
+
+def test_a_packing_option_out_of_range_exits_2(tmp_path):
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "vitjax.train", "--config", "configs/navit_digits.py",
+       "--workdir", str(workdir), "--config.input.packing.max_tokens=65"],
+      capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.startswith("error: config.input.packing.max_tokens=65 must be in "
+                                  "[1, seq_len=64]"), result.stderr
+  assert "Traceback" not in result.stderr and not workdir.exists()

@@ -43,6 +43,12 @@ TIMM_PARAMS = {
     "mixer_l32_224": 206_939_264,
     "mixer_s16_224": 18_528_264,
     "mixer_s32_224": 19_104_624,
+    "naflexvit_base_patch16_gap": 86_633_704,  # timm 1.0.31 with torch 2.14.1, 2026-12-02.
+    "naflexvit_base_patch16_map": 93_718_504,
+    "naflexvit_base_patch16_par_gap": 86_633_704,
+    "naflexvit_base_patch16_parfac_gap": 86_461_672,
+    "naflexvit_base_patch16_siglip": 92_930_304,
+    "naflexvit_so400m_patch16_siglip": 427_888_064,
     "swin_base_patch4_window12_384": 87_903_584,
     "swin_base_patch4_window7_224": 87_768_224,
     "swin_large_patch4_window12_384": 196_735_516,

@@ -15,10 +15,12 @@ from flax import traverse_util
 import jax
 import numpy as np
 
-from vitjax.convert import big_vision, clip, files, mae, mismatch, mixer, pytorch, swin
+from vitjax.convert import (big_vision, clip, files, flexi, mae, mismatch, mixer, naflex,
+                            pytorch, swin)
 from vitjax.convert.files import CheckpointError
 from vitjax.convert.mismatch import CheckpointMismatchError
 from vitjax.models import dummy_input, param_shapes
+from vitjax.models.navit import NaViT
 from vitjax.models.swin import SwinTransformer
 from vitjax.models.two_towers import TwoTowers
 from vitjax.models.posemb import resize_posemb
@@ -54,7 +56,9 @@ def load_weights(model, path, *, head="error", rng=0):
   Returns:
     The params tree (nested dicts of NumPy arrays in the model's param_dtype),
     ready for `model.apply({'params': params}, images)` or `jax.device_put`.
-    Position embeddings made for another resolution are resized to the model's.
+    Position embeddings made for another resolution are resized to the model's,
+    and a patch embedding made for another patch size is PI-resized to the
+    model's (FlexiViT; vitjax.convert.flexi, e.g. big_vision's FlexiViT .npz).
     The blocks are laid out as the model has them: stacked under
     'Transformer/encoderblock' for `scan_layers=True`, else one per block.
 
@@ -68,6 +72,8 @@ def load_weights(model, path, *, head="error", rng=0):
     raise ValueError(f"head={head!r}: use 'error' or 'reinit'.")
   if isinstance(model, SwinTransformer):  # Its own names and stages: vitjax.convert.swin.
     return swin.load_swin_weights(model, path, head=head, rng=rng)
+  if isinstance(model, NaViT):  # SigLIP 2 NaFlex, timm NaFlexVit: vitjax.convert.naflex.
+    return naflex.load_naflex_weights(model, path, head=head, rng=rng)
   if isinstance(model, TwoTowers):  # CLIP / SigLIP / LiT, or one tower: vitjax.convert.clip.
     # Its image tower may come from any file load_weights reads: clip is handed this function.
     return clip.load_two_towers(model, path, head=head, rng=rng, load_weights=load_weights)
@@ -82,6 +88,7 @@ def load_weights(model, path, *, head="error", rng=0):
     template = big_vision.unstack_blocks(
         template, take=lambda t, i: jax.ShapeDtypeStruct(t.shape[1:], t.dtype))
   params = _fit_posemb(params, model, template)
+  params = flexi.fit_patch_embedding(params, model, template)  # FlexiViT: another patch size.
   if head == "reinit":
     params = _reinit_head(params, model, template, rng)
   message = _mismatch_message(params, template, f"The {source.describe(layout)}")

@@ -38,51 +38,30 @@ import numpy as np
 from PIL import Image
 
 from vitjax.data import preprocess
+from vitjax.models.navit import SequencePacker, first_fit, pack_examples, patchify
 
 Batch = dict[str, Any]
 _PACK_STREAM = 5  # Per stream position: side lengths, flip, dropped tokens.
 _PIL_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
-def patchify(image: np.ndarray, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """[H, W, C] (whole patches) -> (patches [n, p * p * C], coords int32 [n, 2]), row-major."""
-  height, width, channels = image.shape
-  rows, cols = height // patch_size, width // patch_size
-  if rows * patch_size != height or cols * patch_size != width:
-    raise ValueError(f"patchify needs a whole number of {patch_size}x{patch_size} patches; "
-                     f"got a {height}x{width} image.")
-  patches = image.reshape(rows, patch_size, cols, patch_size, channels).transpose(0, 2, 1, 3, 4)
-  coords = np.stack(np.divmod(np.arange(rows * cols), cols), axis=-1).astype(np.int32)
-  return patches.reshape(rows * cols, -1), coords
-
-
-class SequencePacker:
-  """Greedy first fit: each image goes into the first sequence with room for its tokens
-  and a free image slot."""
-
-  def __init__(self, seq_len: int, num_sequences: int, max_images: int):
-    self.seq_len, self.max_images = seq_len, max_images
-    self.filled = np.zeros(num_sequences, np.int64)
-    self.counts = np.zeros(num_sequences, np.int64)
-
-  def place(self, length: int) -> tuple[int, int] | None:
-    """(sequence, slot) of an image of `length` tokens, or None where no sequence has room."""
-    room = np.flatnonzero((self.filled + length <= self.seq_len)
-                          & (self.counts < self.max_images))
-    if not len(room):
-      return None
-    sequence = int(room[0])
-    placement = (sequence, int(self.counts[sequence]))
-    self.filled[sequence] += length
-    self.counts[sequence] += 1
-    return placement
-
-
-def first_fit(lengths: Sequence[int], seq_len: int, num_sequences: int,
-              max_images: int) -> list[tuple[int, int] | None]:
-  """Per image, in order, the (sequence, slot) greedy first fit puts it in, or None."""
-  packer = SequencePacker(seq_len, num_sequences, max_images)
-  return [packer.place(length) for length in lengths]
+def unpack(image: Batch, sequence: int, patch_size: int) -> list[np.ndarray]:
+  """The images of packed `sequence` of a batch's `image` dict, [rows * p, cols * p, C] each;
+  dropped tokens are zeros. The inverse of packing, for looking at a batch."""
+  patches, ids = image["patches"][sequence], image["segment_ids"][sequence]
+  coords, grids = image["coords"][sequence], image["grid_sizes"][sequence]
+  channels = patches.shape[-1] // patch_size ** 2
+  images = []
+  for slot, (rows, cols) in enumerate(grids):
+    if not rows:
+      continue
+    grid = np.zeros((rows, cols, patch_size, patch_size, channels), patches.dtype)
+    tokens = ids == slot + 1
+    grid[coords[tokens, 0], coords[tokens, 1]] = patches[tokens].reshape(
+        -1, patch_size, patch_size, channels)
+    images.append(grid.transpose(0, 2, 1, 3, 4).reshape(rows * patch_size, cols * patch_size,
+                                                        channels))
+  return images
 
 
 def fit_grid(rows: int, cols: int, max_tokens: int | None) -> tuple[int, int]:
@@ -255,7 +234,7 @@ class PackedDataset:
     if rng is not None and config.flip and rng.random() < 0.5:
       image = image[:, ::-1]
     image = preprocess.normalize(image.astype(np.float32) / 255.0, config.mean, config.std)
-    patches, coords = patchify(image, patch)
+    patches, coords, _ = patchify(image, patch)
     if rng is not None:
       low, high = self.packing.drop_range
       rate = rng.uniform(low, high) if high > low else low
@@ -267,30 +246,15 @@ class PackedDataset:
 
   def _pack(self, examples: list, labels: np.ndarray, num_sequences: int,
             placements: list) -> Batch:
-    """Packed arrays of `examples` [(patches, coords, grid)] placed as `placements` say."""
+    """The batch of `examples` [(patches, coords, grid)] placed as `placements` say."""
     packing = self.packing
-    seq_len, slots = packing.seq_len, packing.max_images
-    dim = packing.patch_size ** 2 * self._input.channels
-    patches = np.zeros((num_sequences, seq_len, dim), np.float32)
-    segment_ids = np.zeros((num_sequences, seq_len), np.int32)
-    coords = np.zeros((num_sequences, seq_len, 2), np.int32)
-    grid_sizes = np.zeros((num_sequences, slots, 2), np.int32)
-    packed_labels = np.zeros((num_sequences, slots), np.int32)
-    filled = np.zeros(num_sequences, np.int64)
-    for (tokens, positions, grid), label, placement in zip(examples, labels, placements):
-      if placement is None:
-        continue
-      sequence, slot = placement
-      start, stop = filled[sequence], filled[sequence] + len(tokens)
-      patches[sequence, start:stop] = tokens
-      coords[sequence, start:stop] = positions
-      segment_ids[sequence, start:stop] = slot + 1
-      grid_sizes[sequence, slot] = grid
-      packed_labels[sequence, slot] = label
-      filled[sequence] = stop
-    return {"image": {"patches": patches, "segment_ids": segment_ids, "coords": coords,
-                      "grid_sizes": grid_sizes},
-            "label": packed_labels, "mask": grid_sizes[..., 0] > 0}
+    image = pack_examples(examples, placements, length=packing.seq_len,
+                          max_images=packing.max_images, num_sequences=num_sequences)
+    packed_labels = np.zeros((num_sequences, packing.max_images), np.int32)
+    for label, placement in zip(labels, placements):
+      if placement is not None:
+        packed_labels[placement] = label
+    return {"image": image, "label": packed_labels, "mask": image["grid_sizes"][..., 0] > 0}
 
   def train_batch(self, step: int, batch_size: int, *, seed: int, process_index: int = 0,
                   process_count: int = 1) -> Batch:

@@ -9,6 +9,7 @@ families and names.
 
 from vitjax.models import mae
 from vitjax.models import mixer
+from vitjax.models import navit
 from vitjax.models import swin
 from vitjax.models import two_towers
 from vitjax.models import vit
@@ -25,6 +26,7 @@ register_family("deit", vit.VisionTransformer, vit.decode_variant, vit.SIZES, di
 register_family("mixer", mixer.MlpMixer, mixer.decode_variant, mixer.SIZES)
 register_family("mae", mae.MaskedAutoencoder, vit.decode_variant, vit.SIZES)
 register_family("simmim", mae.SimMIM, vit.decode_variant, vit.SIZES)
+register_family("navit", navit.NaViT, vit.decode_variant, vit.SIZES)
 
 
 def _register_vits():
@@ -165,6 +167,7 @@ _register_rope_vits()
 _register_illamas()
 _register_mixers()
 swin.register_swins(register, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+navit.register_models(register, mean=INCEPTION_MEAN, std=INCEPTION_STD)
 two_towers.register_two_towers(register, clip_mean=CLIP_MEAN, clip_std=CLIP_STD,
                                 siglip_mean=INCEPTION_MEAN, siglip_std=INCEPTION_STD)
 mae.register_models(register)

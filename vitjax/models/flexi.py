@@ -21,6 +21,15 @@ import numpy as np
 
 METHODS = ("bilinear", "bicubic", "nearest", "lanczos3", "lanczos5")
 _JAX_METHODS = {"bilinear": "linear", "bicubic": "cubic"}
+# A model's `patch_resize` -> (method, antialias) of the resize that PI-resize inverts.
+# Antialiasing matters only when the kernel shrinks. timm's resample_patch_embed
+# antialiases (bicubic by default); big_vision's resample_patchemb uses TF's bilinear
+# tf.image.resize, which does not.
+PATCH_RESIZE_METHODS = {
+    "bilinear": ("bilinear", True),
+    "bicubic": ("bicubic", True),
+    "bilinear_no_antialias": ("bilinear", False),
+}
 
 
 @functools.lru_cache(maxsize=64)
@@ -64,6 +73,15 @@ def pi_resize_patch_kernel(kernel: jax.Array, new_size: tuple[int, int] | int,
   flat = kernel.reshape(old_size[0] * old_size[1], -1).astype(jnp.float32)
   resized = (inverse @ flat).reshape(new_size + kernel.shape[2:])
   return resized.astype(kernel.dtype)
+
+
+def pi_resize_for(kernel, new_size, patch_resize="bilinear"):
+  """`pi_resize_patch_kernel` with a model's `patch_resize` name (PATCH_RESIZE_METHODS)."""
+  if patch_resize not in PATCH_RESIZE_METHODS:
+    raise ValueError(f"patch_resize must be one of {tuple(PATCH_RESIZE_METHODS)}, not "
+                     f"{patch_resize!r}.")
+  method, antialias = PATCH_RESIZE_METHODS[patch_resize]
+  return pi_resize_patch_kernel(kernel, new_size, method, antialias)
 
 
 def resize_patches(images: jax.Array, patch_size: int, new_patch_size: int,

@@ -300,6 +300,7 @@ class PatchEmbedding(nn.Module):
   width: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  patch_resize: str = "bilinear"  # How the kernel is PI-resized: flexi.PATCH_RESIZE_METHODS.
 
   @nn.compact
   def __call__(self, images, patch_size=None):
@@ -309,15 +310,16 @@ class PatchEmbedding(nn.Module):
                    padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
                    kernel_init=logical(nn.initializers.lecun_normal(), None, None, None, "embed"),
                    bias_init=logical(nn.initializers.zeros, "embed"),
-                   conv_general_dilated=_pi_resized_conv(patch_size) if flexible else None,
+                   conv_general_dilated=(_pi_resized_conv(patch_size, self.patch_resize)
+                                         if flexible else None),
                    name="embedding")(images.astype(self.dtype))
 
 
-def _pi_resized_conv(patch_size):
+def _pi_resized_conv(patch_size, patch_resize="bilinear"):
   """lax.conv_general_dilated with the kernel PI-resized to `patch_size` and that stride."""
   def conv(inputs, kernel, strides, padding, **kwargs):
     del strides  # The kernel's own patch size; the call's replaces it.
-    kernel = flexi.pi_resize_patch_kernel(kernel, patch_size)
+    kernel = flexi.pi_resize_for(kernel, patch_size, patch_resize)
     return jax.lax.conv_general_dilated(inputs, kernel, (patch_size, patch_size), padding,
                                         **kwargs)
   return conv
@@ -349,6 +351,7 @@ class PatchStem(nn.Module):
   num_registers: int = 0
   posemb: str = "learn"  # 'learn', 'sincos2d' or 'none'.
   posemb_resize: str = "bilinear"
+  patch_resize: str = "bilinear"  # How the kernel is PI-resized: flexi.PATCH_RESIZE_METHODS.
   class_posemb: bool = True
   class_token_position: str = "first"  # Or 'last'.
   embedding_norm: Optional[Factory] = None  # A norm over the embedded tokens (CLIP's ln_pre).
@@ -362,8 +365,8 @@ class PatchStem(nn.Module):
 
   @nn.compact
   def __call__(self, images, patch_size=None):
-    x = share(self, PatchEmbedding(self.patch_size, self.width, self.dtype, self.param_dtype))(
-        images, patch_size)
+    x = share(self, PatchEmbedding(self.patch_size, self.width, self.dtype, self.param_dtype,
+                                   self.patch_resize))(images, patch_size)
     batch, grid_h, grid_w, width = x.shape
     x = x.reshape(batch, grid_h * grid_w, width)
     out = {"stem": x, "grid": (grid_h, grid_w)}

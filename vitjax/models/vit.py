@@ -26,6 +26,7 @@ import flax
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vitjax.models import flexi
 from vitjax.models import parts
 from vitjax.models.attention import MultiHeadDotProductAttention
 from vitjax.models.layers import MAPHead, MlpBlock, SwiGLU, norm_layer, patch_stem_input
@@ -183,6 +184,18 @@ class VisionTransformer(nn.Module):
   class_token_position: str = "first"  # Or 'last'.
   soft_mask_steps: int = 0  # 0: no soft mask, causal from the start.
   soft_mask_schedule: str = "linear"  # Or 'constant'; see soft_mask_weight.
+  # FlexiViT (Beyer et al. 2023; vitjax.models.flexi). The kernel is stored at
+  # `patch_size`; `__call__(..., patch_size=p)` runs at any p with it PI-resized.
+  # `patch_sizes`: the training set; vitjax.train draws one per step, uniformly, and
+  # trains a clone with `train_patch_size` set to it (one compiled step per size).
+  # `train_patch_size`: the patch size of train=True calls given no `patch_size`
+  # (None: `patch_size`); evaluation calls keep `patch_size`.
+  # `patch_resize`: how the kernel is resized: 'bilinear' or 'bicubic' (antialiased
+  # when shrinking, timm's resample_patch_embed; 'bicubic' is timm's default) or
+  # 'bilinear_no_antialias' (big_vision's resample_patchemb: tf.image.resize).
+  patch_sizes: Optional[Sequence[int]] = None
+  train_patch_size: Optional[int] = None
+  patch_resize: str = "bilinear"
   # OpenAI CLIP's image tower: the MLP nonlinearity ('gelu' or 'quick_gelu') and a
   # LayerNorm over the embedded tokens before the first block (CLIP's ln_pre).
   activation: str = "gelu"
@@ -196,6 +209,8 @@ class VisionTransformer(nn.Module):
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
+    if self.patch_sizes is not None:  # A tuple: jit takes the model as a static argument.
+      object.__setattr__(self, "patch_sizes", tuple(self.patch_sizes))
     if self.layers is not None:  # Hashable: jit takes the model as a static argument.
       object.__setattr__(self, "layers", tuple(
           flax.core.FrozenDict(entry) if isinstance(entry, Mapping) else entry
@@ -215,7 +230,8 @@ class VisionTransformer(nn.Module):
     choices = {"pool_type": parts.POOL_TYPES, "posemb": ("learn", "sincos2d", "none"),
                "rope": (None, "axial", "mixed", "1d"), "norm": NORMS,
                "mlp": tuple(CHANNEL_MIXERS), "class_token_position": ("first", "last"),
-               "soft_mask_schedule": ("linear", "constant")}
+               "soft_mask_schedule": ("linear", "constant"),
+               "patch_resize": tuple(flexi.PATCH_RESIZE_METHODS)}
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ValueError(f"Unknown {name} {getattr(self, name)!r}; use one of: "
@@ -233,6 +249,12 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"soft_mask_steps={self.soft_mask_steps} moves the attention from "
                        "bidirectional to causal; it needs causal=True.")
     parts.rematted(parts.Block, self.remat_policy)  # Raises for an unknown policy.
+    for size in (*(self.patch_sizes or ()), self.train_patch_size):
+      if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        raise ValueError(f"patch_sizes={self.patch_sizes!r}, train_patch_size="
+                         f"{self.train_patch_size!r}: patch sizes must be positive ints.")
+    if self.patch_sizes is not None and not self.patch_sizes:
+      raise ValueError("patch_sizes=(): give the patch sizes to train at, or None.")
 
   def norm_factory(self):
     """The norm of the blocks, the stem and the encoder's end, per `norm` and `use_bias`."""
@@ -303,8 +325,12 @@ class VisionTransformer(nn.Module):
     `patch_size` (FlexiViT): cut the images into patches of this size instead of the
     model's, with the patch embedding PI-resized to it and the learned position
     embeddings resized to the grid (vitjax.models.flexi); the weights stay as they are.
+    Training calls without it use `train_patch_size` (set per step by vitjax.train
+    from `patch_sizes`).
     """
     self._check()
+    if patch_size is None and train:
+      patch_size = self.train_patch_size
     if patch_size is not None and (not isinstance(patch_size, int) or patch_size < 1):
       raise ValueError(f"patch_size must be a positive int (the side of a patch in "
                        f"pixels), not {patch_size!r}.")
@@ -318,6 +344,7 @@ class VisionTransformer(nn.Module):
         patch_size=self.patch_size, width=self.width, image_size=self.image_size,
         class_token=self.pool_type == "token", distillation_token=self.distilled,
         num_registers=self.num_registers, posemb=self.posemb, posemb_resize=self.posemb_resize,
+        patch_resize=self.patch_resize,
         class_posemb=self.class_posemb, class_token_position=self.class_token_position,
         embedding_norm=self.norm_factory() if self.embedding_norm else None, rope=self.rope,
         dtype=self.dtype, param_dtype=self.param_dtype))

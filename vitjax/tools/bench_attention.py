@@ -27,8 +27,9 @@ they are installed, 'tokamax-mosaic' and 'tokamax-triton' (`tokamax.dot_product_
 and 'flash_attn_jax' (`flash_attn_jax.flash_mha`). Whatever fails is an 'n/a' or 'OOM'
 cell with the reason in the note column, and the run goes on.
 
-Of vitjax it imports only `vitjax.ops` (no data or config modules), so it runs where
-ml-collections, grain and tensorflow-datasets are not installed.
+Of vitjax it imports only `vitjax.ops` and `vitjax.models.navit` (its first-fit packer), no
+data or config modules, so it runs where ml-collections, grain and tensorflow-datasets are
+not installed.
 """
 
 import argparse
@@ -48,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitjax import ops
+from vitjax.models import navit
 
 # ViT-B/16 at 224, 384 and 512 pixels: 14^2, 24^2 and 32^2 patches plus the class token.
 VIT_SHAPES = ((256, 197, 12, 64), (64, 577, 12, 64), (32, 1025, 12, 64))
@@ -99,9 +101,9 @@ class Shape:
       for row, length in enumerate(self.images):
         ids[row, :length] = 1
       return jnp.asarray(ids)
+    placements = navit.first_fit(self.images, self.q_len, self.batch, len(self.images))
     filled = np.zeros(self.batch, np.int64)
-    for image, length in enumerate(self.images):
-      row = int(np.flatnonzero(filled + length <= self.q_len)[0])
+    for image, (length, (row, _)) in enumerate(zip(self.images, placements)):
       ids[row, filled[row]:filled[row] + length] = image + 1
       filled[row] += length
     return jnp.asarray(ids)
@@ -111,13 +113,11 @@ def navit_layouts(shape, seed=0):
   """The 'packed' and 'padded' shapes of the images that fill `shape`'s sequences (first fit)."""
   rng = np.random.default_rng(seed)
   length, images = shape.q_len, []
-  filled = np.zeros(shape.batch, np.int64)
+  packer = navit.SequencePacker(length, shape.batch, max_images=length)
   while True:
     size = int(rng.integers(max(1, length // 16), max(2, length // 2) + 1))
-    room = np.flatnonzero(filled + size <= length)
-    if not len(room):
+    if packer.place(size) is None:
       break
-    filled[room[0]] += size
     images.append(size)
   images = tuple(images)
   return [dataclasses.replace(shape, causal=False, layout="packed", images=images),

@@ -169,6 +169,15 @@ def _train_step(model, tx, task, options, state, batch, rng, constants, prepare_
   return {**new_state, "step": state["step"] + 1}, metrics
 
 
+def draw_patch_size(patch_sizes, seed, step):
+  """FlexiViT: the patch size of training step `step`, drawn uniformly from `patch_sizes`.
+
+  A function of (seed, step) alone, so a resumed run draws what the first one would have.
+  """
+  entropy = np.random.SeedSequence([int(seed) % 2**32, int(step)])
+  return patch_sizes[int(np.random.default_rng(entropy).integers(len(patch_sizes)))]
+
+
 def optax_global_norm(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
                       for x in jax.tree_util.tree_leaves(tree)))
@@ -322,13 +331,21 @@ def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progres
 
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
-  train_step = jax.jit(
-      functools.partial(_train_step, model, tx, task, step_options(config),
-                        prepare_batch=dataset.device_fn),
-      in_shardings=(state_shardings, batch_sharding, replicated, constant_shardings),
-      out_shardings=(state_shardings, replicated),
-      donate_argnums=(0,),
-      compiler_options=xla_options.compiler_options())
+
+  def compiled_step(step_model):
+    return jax.jit(
+        functools.partial(_train_step, step_model, tx, task, step_options(config),
+                          prepare_batch=dataset.device_fn),
+        in_shardings=(state_shardings, batch_sharding, replicated, constant_shardings),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+        compiler_options=xla_options.compiler_options())
+
+  # FlexiViT (config.model.patch_sizes): one compiled step per patch size, each training a
+  # clone of the model that cuts the images at that size; the parameters are shared.
+  patch_sizes = tuple(getattr(model, "patch_sizes", None) or ())
+  train_steps = ({size: compiled_step(model.clone(train_patch_size=size))
+                  for size in patch_sizes} if patch_sizes else {None: compiled_step(model)})
   batches = dataset.train_iter(config.batch_size, seed=config.seed, start_step=start_step,
                                process_index=jax.process_index(),
                                process_count=jax.process_count())
@@ -364,7 +381,10 @@ def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progres
       wait_start = time.perf_counter()
       batch = sharding_lib.global_batch(next(batches), batch_sharding)
       data_wait += time.perf_counter() - wait_start
-      state, step_metrics = train_step(state, batch, train_rng, constants)
+      patch_size = draw_patch_size(patch_sizes, config.seed, step) if patch_sizes else None
+      state, step_metrics = train_steps[patch_size](state, batch, train_rng, constants)
+      if patch_size is not None:  # Logged as train/patch_size, the log window's mean.
+        step_metrics = {**step_metrics, "patch_size": np.float32(patch_size)}
       pending.append((step, step_metrics))
       is_last = step == total_steps
       do_eval = is_last or (config.eval_every and step % config.eval_every == 0)

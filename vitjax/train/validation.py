@@ -7,7 +7,8 @@ allowed and how to set it; nothing is written, so a fixed command can rerun at o
 In order, cheapest first:
   * the keys of sections vitjax knows all of (`config.ema`), and renamed keys;
   * `RULES`: one range per key (positive step counts, probabilities in [0, 1), names
-    from the lists the code that uses them keeps);
+    from the lists the code that uses them keeps); FlexiViT's `model.patch_sizes`
+    against the training image size;
   * the workdir: a directory that exists or can be created, writable;
   * the mesh against the devices, and the batch sizes against the mesh;
   * `init` (and `teacher.init`) paths;
@@ -192,6 +193,7 @@ def validate(config, workdir, *, devices=None):
     devices: the devices the mesh is made of; by default all of them (jax.devices()).
   """
   check_rules(config)
+  check_patch_sizes(config)
   check_workdir(workdir)
   check_mesh_and_batch_sizes(config, jax.devices() if devices is None else devices)
   check_init(config)
@@ -227,6 +229,28 @@ def check_rules(config):
     tasks.make_task(config)  # Unknown task names, and a task's own required keys.
   except ValueError as e:  # Their messages name the config keys.
     raise ConfigError(str(e)) from None
+
+
+def check_patch_sizes(config):
+  """FlexiViT's `model.patch_sizes`: positive ints, each a whole number of training patches."""
+  sizes = lookup(config, "model.patch_sizes")
+  if sizes is _MISSING or sizes is None:
+    return
+  image_size = lookup(config, "input.image_size")
+  if image_size is _MISSING or image_size is None:
+    image_size = lookup(config, "model.image_size")
+  if (not isinstance(sizes, (tuple, list)) or not sizes
+      or not all(_is_int(p) and p >= 1 for p in sizes)):
+    raise ConfigError(f"config.model.patch_sizes={sizes!r}: must be a non-empty tuple of "
+                      "positive ints (FlexiViT's training patch sizes, one drawn per step), "
+                      "or None, e.g. --config.model.patch_sizes='(2,4,8)'.")
+  if _is_int(image_size):
+    bad = [p for p in sizes if image_size % p]
+    if bad:
+      fits = [p for p in range(1, image_size + 1) if image_size % p == 0]
+      raise ConfigError(f"config.model.patch_sizes={tuple(sizes)!r}: {bad} do not divide the "
+                        f"training images' side ({image_size} px), which must be a whole "
+                        f"number of patches at every size. Sizes that fit: {fits}.")
 
 
 def check_known_keys(config):
@@ -338,6 +362,12 @@ def check_dataset(config):
     input_config = InputConfig.from_config(config.get("input"))
   except ValueError as e:  # Its messages start with the key: 'input.crop_pct must be ...'.
     raise ConfigError(f"config.{e}") from None
+  if input_config.packing:
+    from vitjax.data.pipeline import packing_config  # pylint: disable=g-import-not-at-top
+    try:
+      packing_config(config)
+    except (ValueError, TypeError) as e:
+      raise ConfigError(f"config.{e}") from None
   if name == "digits":
     from vitjax.data import digits  # pylint: disable=g-import-not-at-top
     for key, split in splits.items():
@@ -411,11 +441,20 @@ def check_model(config):
   """
   from vitjax import models  # pylint: disable=g-import-not-at-top
   try:
-    return models.param_shapes(tasks_base.build_model(config))
+    model = tasks_base.build_model(config)
+    shapes = models.param_shapes(model)
   except models.UnknownModelError:
     raise
   except (ValueError, models.UnknownOptionError) as e:  # Any other TypeError is a bug.
     raise ConfigError(f"config.model: {e}") from None
+  input_config = config.get("input") or {}
+  if input_config.get("packing") and not isinstance(model, models.navit.NaViT):
+    raise ConfigError(
+        f"config.input.packing makes packed sequences of images, which only NaViT models "
+        f"take; config.model.name={config.model.name!r} takes images. Use a NaViT "
+        "(name='navit', or siglip2_naflex_* / naflexvit_*), or set "
+        "--config.input.packing=None.")
+  return shapes
 
 
 def check_parameter_patterns(config, params):
