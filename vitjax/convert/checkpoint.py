@@ -19,7 +19,7 @@ from vitjax.convert import (big_vision, clip, files, flexi, mae, mismatch, mixer
                             pytorch, swin)
 from vitjax.convert.files import CheckpointError
 from vitjax.convert.mismatch import CheckpointMismatchError
-from vitjax.models import dummy_input, param_shapes
+from vitjax.models import param_shapes
 from vitjax.models.navit import NaViT
 from vitjax.models.swin import SwinTransformer
 from vitjax.models.two_towers import TwoTowers
@@ -178,17 +178,11 @@ def hf_config(model):
 
 def _detect_layout(arrays, source):
   """(layout name, wrapper prefix), from where a known parameter name sits."""
-  for layout, anchor in _LAYOUTS:
-    prefixes = sorted({name[:-len(anchor)] for name in arrays if name.endswith(anchor)
-                       and (name == anchor or name[-len(anchor) - 1] in "./")})
-    # Training checkpoints also hold optimizer moments named like the parameters.
-    preferred = [p for p in ("", "params/", "opt/target/") if p in prefixes]
-    if len(prefixes) == 1 or preferred:
-      return layout, (preferred or prefixes)[0]
-    if prefixes:
-      raise CheckpointError(f"The {source.describe()} holds several models ({layout} layout, "
-                            f"prefixes {', '.join(map(repr, prefixes))}); vitjax loads one at "
-                            "a time.")
+  # Training checkpoints also hold optimizer moments named like the parameters.
+  found = files.find_layout(arrays, _LAYOUTS, what=f"The {source.describe()}",
+                            preferred=("", "params/", "opt/target/"))
+  if found:
+    return found
   first = ", ".join(sorted(arrays)[:8]) or "no arrays"
   raise CheckpointError(
       f"The {source.describe()} ({len(arrays)} arrays) is not a ViT checkpoint in a layout "
@@ -267,15 +261,7 @@ def _reinit_head(params, model, template, rng):
       n in params and np.shape(params[n]) == template[n].shape for n in pre_logits)
   params = {n: v for n, v in params.items() if n.split("/")[0] not in HEAD_NAMES
             or (keep_pre_logits and n.startswith("pre_logits/"))}
-  if isinstance(rng, (int, np.integer)):
-    rng = jax.random.PRNGKey(rng)
-
-  def init_head(rng):
-    params = flax.linen.unbox(model.init(rng, dummy_input(model))["params"])
-    return {k: v for k, v in params.items() if k in HEAD_NAMES}
-
-  # Under jit, XLA drops the initialisation of everything but the head.
-  fresh = traverse_util.flatten_dict(jax.device_get(jax.jit(init_head)(rng)), sep="/")
+  fresh = mismatch.fresh_head(model, rng, HEAD_NAMES)
   params.update({n: v for n, v in fresh.items() if n not in params})
   return params
 

@@ -34,6 +34,27 @@ _SAFETENSORS_DTYPES = {
 _DIRECTORY_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
+def find_layout(arrays, layouts, *, what, preferred=()):
+  """(layout name, wrapper prefix) of a state dict, or None where no layout's anchor is in it.
+
+  `layouts` are (name, anchor) pairs, tried in order: the anchor is a parameter name
+  every checkpoint of that layout has (its patch embedding), and what precedes it is
+  the wrapper prefix ('vit.', 'module.', 'params/'). Of several prefixes, the first of
+  `preferred` found wins (training checkpoints also hold optimizer moments named like
+  the parameters); several others are an error naming them, `what` being the file.
+  """
+  for name, anchor in layouts:
+    prefixes = sorted({n[:-len(anchor)] for n in arrays if n.endswith(anchor)
+                       and (n == anchor or n[-len(anchor) - 1] in "./")})
+    chosen = [prefix for prefix in preferred if prefix in prefixes]
+    if len(prefixes) == 1 or chosen:
+      return name, (chosen or prefixes)[0]
+    if prefixes:
+      raise CheckpointError(f"{what} holds several models ({name} layout, prefixes "
+                            f"{', '.join(map(repr, prefixes))}); vitjax loads one at a time.")
+  return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Source:
   """Where a checkpoint's arrays came from, to name it for what it is in messages."""

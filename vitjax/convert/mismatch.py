@@ -1,8 +1,12 @@
 """The error for a checkpoint that does not fit a model, and its text, shared by every family."""
 
+import flax.linen
+from flax import traverse_util
+import jax
 import numpy as np
 
 from vitjax.convert.files import CheckpointError
+from vitjax.models.registry import dummy_input
 
 _MAX_LISTED = 25  # Names per section of a mismatch error.
 
@@ -41,3 +45,19 @@ def mismatch_message(params, template, what, hints):
                     f"{tuple(template[n].shape)}")
   lines.extend(hints(params, template, missing + unexpected + mismatched))
   return "\n".join(lines)
+
+
+def fresh_head(model, rng, names=("head",)):
+  """Flat {name: array} of `model`'s freshly initialised top-level `names` (its classifier):
+  what `load_weights(..., head='reinit')` puts in place of a checkpoint's that does not fit.
+
+  `rng` is a seed or a PRNG key. Under jit, XLA drops the initialisation of everything else.
+  """
+  if isinstance(rng, (int, np.integer)):
+    rng = jax.random.PRNGKey(rng)
+
+  def init_head(rng):
+    params = flax.linen.unbox(model.init(rng, dummy_input(model))["params"])
+    return {k: v for k, v in params.items() if k in names}
+
+  return traverse_util.flatten_dict(jax.device_get(jax.jit(init_head)(rng)), sep="/")

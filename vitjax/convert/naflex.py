@@ -17,7 +17,6 @@ over flattened (p, p, C) patches, which is the ViT conv kernel reshaped.
 
 import math
 
-import flax.linen
 from flax import traverse_util
 import jax
 import numpy as np
@@ -26,7 +25,6 @@ from vitjax.convert import big_vision, clip, files, mismatch, pytorch
 from vitjax.convert.files import CheckpointError
 from vitjax.models import param_shapes
 from vitjax.models.navit import NaViT
-from vitjax.models.registry import dummy_input
 
 SIGLIP2_ANCHOR = "embeddings.patch_embedding.weight"
 TIMM_ANCHOR = "embeds.proj.weight"
@@ -49,16 +47,12 @@ TIMM = [entry for entry in pytorch.TIMM if entry[0].startswith(
 
 def layout(arrays):
   """('Hugging Face Siglip2' | 'timm NaFlexVit' | 'vitjax', wrapper prefix) of a state dict."""
-  for name, anchor in (("Hugging Face Siglip2", SIGLIP2_ANCHOR), ("timm NaFlexVit", TIMM_ANCHOR),
-                       ("vitjax", big_vision.ANCHOR)):
-    prefixes = sorted({n[:-len(anchor)] for n in arrays if n.endswith(anchor)
-                       and (n == anchor or n[-len(anchor) - 1] in "./")})
-    preferred = [p for p in ("", "params/", "vision_model.", "model.") if p in prefixes]
-    if len(prefixes) == 1 or preferred:
-      return name, (preferred or prefixes)[0]
-    if prefixes:
-      raise CheckpointError(f"The checkpoint holds several {name} models (prefixes "
-                            f"{', '.join(map(repr, prefixes))}); vitjax loads one at a time.")
+  found = files.find_layout(
+      arrays, (("Hugging Face Siglip2", SIGLIP2_ANCHOR), ("timm NaFlexVit", TIMM_ANCHOR),
+               ("vitjax", big_vision.ANCHOR)),
+      what="The checkpoint", preferred=("", "params/", "vision_model.", "model."))
+  if found:
+    return found
   first = ", ".join(sorted(arrays)[:8]) or "no arrays"
   raise CheckpointError(
       f"Not a NaViT checkpoint vitjax knows ({len(arrays)} arrays: {first}"
@@ -144,7 +138,7 @@ def load_naflex_weights(model, path, *, head="error", rng=0):
     params = big_vision.unstack_blocks(params)
   if head == "reinit":
     params = {n: v for n, v in params.items() if n.split("/")[0] not in HEAD_NAMES}
-    params.update({n: v for n, v in _fresh_head(model, rng).items() if n in template})
+    params.update({n: v for n, v in mismatch.fresh_head(model, rng, HEAD_NAMES).items() if n in template})
   message = mismatch.mismatch_message(params, template, f"The {source.describe(kind)}", _hints)
   if message:
     raise mismatch.CheckpointMismatchError(message)
@@ -152,17 +146,6 @@ def load_naflex_weights(model, path, *, head="error", rng=0):
   if scanned:
     params = big_vision.stack_blocks(params)
   return traverse_util.unflatten_dict(params, sep="/")
-
-
-def _fresh_head(model, rng):
-  if isinstance(rng, (int, np.integer)):
-    rng = jax.random.PRNGKey(rng)
-
-  def init_head(rng):
-    params = flax.linen.unbox(model.init(rng, dummy_input(model))["params"])
-    return {k: v for k, v in params.items() if k in HEAD_NAMES}
-
-  return traverse_util.flatten_dict(jax.device_get(jax.jit(init_head)(rng)), sep="/")
 
 
 def _hints(params, template, differing):

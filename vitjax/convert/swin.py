@@ -22,15 +22,13 @@ import math
 import os
 import re
 
-import flax.linen
 from flax import traverse_util
-import jax
 import numpy as np
 
 from vitjax.convert import files, mismatch, pytorch
 from vitjax.convert.files import CheckpointError
 from vitjax.convert.mismatch import CheckpointMismatchError
-from vitjax.models import dummy_input, param_shapes
+from vitjax.models import param_shapes
 
 TIMM_ANCHOR = "patch_embed.proj.weight"
 HF_ANCHOR = "embeddings.patch_embeddings.projection.weight"
@@ -254,14 +252,10 @@ def to_vitjax(arrays, num_heads, what="the checkpoint"):
 
 def _detect_layout(arrays, what):
   """(layout name, wrapper prefix) from where the patch embedding sits."""
-  for layout, anchor in (("timm", TIMM_ANCHOR), ("HF transformers", HF_ANCHOR)):
-    prefixes = sorted({name[:-len(anchor)] for name in arrays if name.endswith(anchor)
-                       and (name == anchor or name[-len(anchor) - 1] == ".")})
-    if len(prefixes) == 1:
-      return layout, prefixes[0]
-    if prefixes:
-      raise CheckpointError(f"{what} holds several models (prefixes "
-                            f"{', '.join(map(repr, prefixes))}); vitjax loads one at a time.")
+  found = files.find_layout(arrays, (("timm", TIMM_ANCHOR), ("HF transformers", HF_ANCHOR)),
+                            what=what)
+  if found:
+    return found
   first = ", ".join(sorted(arrays)[:8]) or "no arrays"
   raise CheckpointError(
       f"{what} is not a Swin checkpoint in a layout vitjax knows. Found: {first}"
@@ -285,16 +279,7 @@ def _fit_bias_tables(params, template):
 
 def _reinit_head(params, model, rng):
   params = {n: v for n, v in params.items() if n.split("/")[0] != "head"}
-  if isinstance(rng, (int, np.integer)):
-    rng = jax.random.PRNGKey(rng)
-
-  def init_head(rng):
-    fresh = flax.linen.unbox(model.init(rng, dummy_input(model))["params"])
-    return {k: v for k, v in fresh.items() if k == "head"}
-
-  # Under jit, XLA drops the initialisation of everything but the head.
-  fresh = traverse_util.flatten_dict(jax.device_get(jax.jit(init_head)(rng)), sep="/")
-  params.update(fresh)
+  params.update(mismatch.fresh_head(model, rng))
   return params
 
 

@@ -30,6 +30,16 @@ _OP_PROBABILITY = 0.5
 _RESAMPLES = (Image.BILINEAR, Image.BICUBIC)
 
 
+def stream_rng(stream: int, seed: int, counter: int) -> np.random.Generator:
+  """The random stream `stream` (a tag) of run `seed` at `counter` (a step or a position).
+
+  The input pipeline's randomness is all drawn from these, so a batch is a function of
+  (seed, step). SeedSequence hashes the whole list, so nearby seeds and counters give
+  unrelated streams. It wants non-negative Python integers.
+  """
+  return np.random.default_rng([stream, int(seed) % 2**64, int(counter)])
+
+
 def inception_crop_box(rng: np.random.Generator, height: int, width: int,
                        scale: Sequence[float] = (0.08, 1.0),
                        ratio: Sequence[float] = (3 / 4, 4 / 3)

@@ -37,6 +37,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from vitjax.data import augment
 from vitjax.data import preprocess
 from vitjax.models.navit import SequencePacker, first_fit, pack_examples, patchify
 
@@ -259,7 +260,6 @@ class PackedDataset:
   def train_batch(self, step: int, batch_size: int, *, seed: int, process_index: int = 0,
                   process_count: int = 1) -> Batch:
     """This host's batch_size / process_count sequences of training step `step`."""
-    from vitjax.data import pipeline  # pylint: disable=g-import-not-at-top
     if batch_size % process_count:
       raise ValueError(f"batch_size {batch_size} is not divisible by process_count "
                        f"{process_count}.")
@@ -269,7 +269,7 @@ class PackedDataset:
     positions = np.arange(start, start + per_host)
     indices = self._dataset._indices(positions, seed)  # pylint: disable=protected-access
     result = self._train_raw.read(indices)
-    examples = [self._image_tokens(image, pipeline._rng(_PACK_STREAM, seed, int(position)))  # pylint: disable=protected-access
+    examples = [self._image_tokens(image, augment.stream_rng(_PACK_STREAM, seed, position))
                 for image, position in zip(result.images, positions)]
     num_sequences = batch_size // process_count
     placements = first_fit([len(tokens) for tokens, _, _ in examples], self.packing.seq_len,
@@ -281,14 +281,11 @@ class PackedDataset:
   def train_iter(self, batch_size: int, *, seed: int, start_step: int = 0,
                  process_index: int = 0, process_count: int = 1):
     """Endless packed training batches from `start_step` on, as `Dataset.train_iter`."""
-    from vitjax.data import pipeline  # pylint: disable=g-import-not-at-top
     batches = grain.MapDataset.range(start_step, np.iinfo(np.int64).max // (
         self.images_per_step(batch_size) + 1)).map(functools.partial(
             self.train_batch, batch_size=batch_size, seed=seed, process_index=process_index,
             process_count=process_count))
-    dataset = self._dataset
-    return pipeline.Batches(dataset._iterate(batches, self._input.num_workers),  # pylint: disable=protected-access
-                            dataset._record_skipped)  # pylint: disable=protected-access
+    return self._dataset.train_batches(batches)
 
   def _eval_source(self, split: str):
     if split == "eval":

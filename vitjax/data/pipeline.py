@@ -60,12 +60,6 @@ _MIX_STREAM = 4  # Mixup / CutMix: per step.
 _PIL_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
-def _rng(stream: int, seed: int, counter: int) -> np.random.Generator:
-  # SeedSequence hashes the whole list, so nearby seeds and counters give
-  # unrelated streams. It wants non-negative Python integers.
-  return np.random.default_rng([stream, int(seed) % 2**64, int(counter)])
-
-
 def _get(config: Any, key: str, default: Any = None) -> Any:
   """config[key] for dicts, config.key for ConfigDicts and the like."""
   if isinstance(config, Mapping):
@@ -75,7 +69,7 @@ def _get(config: Any, key: str, default: Any = None) -> Any:
 
 @functools.lru_cache(maxsize=4)
 def _epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
-  return _rng(_SHUFFLE_STREAM, seed, epoch).permutation(num_examples)
+  return augment.stream_rng(_SHUFFLE_STREAM, seed, epoch).permutation(num_examples)
 
 
 def shuffled_indices(positions: np.ndarray, *, seed: int, num_examples: int,
@@ -485,11 +479,11 @@ class Dataset:
     index = self._indices(np.asarray([position]), seed)
     result = self._train_raw.read(index)
     image = self._augment_example(preprocess.to_uint8(result.images[0]),
-                                  _rng(_EXAMPLE_STREAM, seed, position))
+                                  augment.stream_rng(_EXAMPLE_STREAM, seed, position))
     example = {"label": result.labels[0], "_position": np.int64(position),
                "_skip_from": np.int64(index[0]), "_skip_count": np.int64(len(result.skipped)),
                **{k: v[0] for k, v in self._captions(self._train_raw, result.indices).items()}}
-    erase_rng = _rng(_ERASE_STREAM, seed, position)
+    erase_rng = augment.stream_rng(_ERASE_STREAM, seed, position)
     if config.device_preprocess:
       example["image"] = image
       if config.random_erasing_prob:
@@ -564,7 +558,7 @@ class Dataset:
     One draw per global batch: every host mixes its slice alike.
     """
     config = self._input
-    rng = _rng(_MIX_STREAM, seed, step)
+    rng = augment.stream_rng(_MIX_STREAM, seed, step)
     lam, use_cutmix = augment.mixup_parameters(
         rng, mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
         probability=config.mixup_prob, switch_probability=config.mixup_switch_prob)
@@ -579,7 +573,7 @@ class Dataset:
     config = self._input
     if config.random_erasing_prob:
       images = np.stack([
-          augment.random_erase(_rng(_ERASE_STREAM, seed, position), image,
+          augment.random_erase(augment.stream_rng(_ERASE_STREAM, seed, position), image,
                                probability=config.random_erasing_prob,
                                mode=config.random_erasing_mode)
           for image, position in zip(images, positions)])
@@ -596,7 +590,7 @@ class Dataset:
     if padding or self._input.flip:
       # Drawn for the whole global batch, then sliced: an example gets the
       # same augmentation however many hosts share the batch.
-      rng = _rng(_AUGMENT_STREAM, seed, step)
+      rng = augment.stream_rng(_AUGMENT_STREAM, seed, step)
       offsets = rng.integers(0, 2 * padding + 1, size=(batch_size, 2))
       flips = rng.random(batch_size) < 0.5
       if padding:
@@ -683,6 +677,11 @@ class Dataset:
       batches = grain.MapDataset.range(start_step, last_step).map(functools.partial(
           self._train_batch_tracked, batch_size=batch_size, seed=seed,
           process_index=process_index, process_count=process_count))
+    return self.train_batches(batches)
+
+  def train_batches(self, batches: grain.MapDataset) -> Batches:
+    """`batches` (a grain MapDataset of training batches) built as input.num_threads and
+    input.num_workers say, their skipped records counted; `close()` when done."""
     return Batches(self._iterate(batches, self._input.num_workers), self._record_skipped)
 
   def eval_iter(self, batch_size: int, *, process_index: int = 0,
@@ -833,12 +832,12 @@ def get_dataset(config: Any) -> Dataset:
 
 
 def packing_config(config: Any) -> packing_lib.PackingConfig:
-  """config.input.packing, its patch size defaulting to the model's."""
-  model = _get(config, "model")
-  patch_size = _get(model, "patch_size")
-  if patch_size is None and _get(model, "variant"):
-    _, _, patch = str(_get(model, "variant")).partition("/")
-    patch_size = int(patch) if patch.isdigit() else None
+  """config.input.packing, its patch size defaulting to the model's (`config.model`)."""
+  from vitjax import models  # pylint: disable=g-import-not-at-top
+  options = dict(_get(config, "model") or {})
+  patch_size = None
+  if options.get("name"):
+    patch_size = getattr(models.create_model(options.pop("name"), **options), "patch_size", None)
   return packing_lib.PackingConfig.from_config(_get(_get(config, "input"), "packing"),
                                                patch_size=patch_size)
 

@@ -175,7 +175,12 @@ class DropPath(nn.Module):
 
 
 class MAPHead(nn.Module):
-  """Multihead attention pooling: a learned probe attends over the tokens."""
+  """Multihead attention pooling: a learned probe attends over the tokens.
+
+  `__call__(x)` -> (B, width). With `segment_ids` (B, L) and `num_slots` K (packed
+  sequences, NaViT): one probe query per image slot k, attending only to the tokens
+  of segment k + 1 -> (B, K, width).
+  """
   num_heads: int = 12
   mlp_dim: Optional[int] = None
   gelu_approximate: bool = False
@@ -186,20 +191,25 @@ class MAPHead(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, segment_ids=None, num_slots=None):
     batch, _, width = x.shape
     probe = self.param("probe", logical(nn.initializers.xavier_uniform(), None, None, "embed"),
                        (1, 1, width), self.param_dtype)
-    probe = jnp.tile(probe, [batch, 1, 1]).astype(self.dtype)
+    queries = 1 if segment_ids is None else num_slots
+    probe = jnp.broadcast_to(probe, (batch, queries, width)).astype(self.dtype)
+    if segment_ids is not None:  # Query k sees segment k + 1 only.
+      slot_ids = jnp.broadcast_to(jnp.arange(1, num_slots + 1, dtype=jnp.int32),
+                                  (batch, num_slots))
+      segment_ids = (slot_ids, segment_ids)
     x = MultiHeadDotProductAttention(
         num_heads=self.num_heads, attention_impl=self.attention_impl,
         dtype=self.dtype, param_dtype=self.param_dtype,
-        name="MultiHeadDotProductAttention_0")(probe, x)
+        name="MultiHeadDotProductAttention_0")(probe, x, segment_ids=segment_ids)
     y = layer_norm("LayerNorm_0", self.layer_norm_eps, self.dtype, self.param_dtype)(x)
     x = x + MlpBlock(self.mlp_dim, gelu_approximate=self.gelu_approximate,
                      activation=self.activation, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="MlpBlock_0")(y)
-    return x[:, 0]
+    return x[:, 0] if segment_ids is None else x
 
 
 def patch_stem_input(module, images, stem, *, pad=None, image_size=None, patch_size=None):

@@ -56,7 +56,7 @@ import numpy as np
 from vitjax import ops
 from vitjax.models import flexi, parts, vit
 from vitjax.models.attention import MultiHeadDotProductAttention
-from vitjax.models.layers import MlpBlock, layer_norm, norm_layer
+from vitjax.models.layers import MAPHead, MlpBlock, norm_layer
 from vitjax.models.partitioning import constrain, logical
 
 Dtype = Any
@@ -289,39 +289,6 @@ class PatchEmbedding(nn.Module):
     return ops.dense(patches, kernel, bias)
 
 
-class PackedMAPHead(nn.Module):
-  """MAP pooling per image: one probe query per image slot, over that image's tokens.
-
-  The probe of slot k attends only to tokens of segment k+1 (a (query ids, key
-  ids) pair of segment ids through vitjax.ops.dot_product_attention). Parameter
-  names are those of `layers.MAPHead`, so big_vision / SigLIP / timm MAP heads load.
-  `__call__(x (S, L, width), segment_ids (S, L), num_slots)` -> (S, K, width).
-  """
-  num_heads: int = 12
-  mlp_dim: Optional[int] = None
-  gelu_approximate: bool = False
-  layer_norm_eps: float = 1e-6
-  attention_impl: Optional[str] = None
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, segment_ids, num_slots):
-    batch, _, width = x.shape
-    probe = self.param("probe", logical(nn.initializers.xavier_uniform(), None, None, "embed"),
-                       (1, 1, width), self.param_dtype)
-    probe = jnp.broadcast_to(probe, (batch, num_slots, width)).astype(self.dtype)
-    slot_ids = jnp.broadcast_to(jnp.arange(1, num_slots + 1, dtype=jnp.int32),
-                                (batch, num_slots))
-    x = MultiHeadDotProductAttention(
-        num_heads=self.num_heads, attention_impl=self.attention_impl, dtype=self.dtype,
-        param_dtype=self.param_dtype, name="MultiHeadDotProductAttention_0")(
-            probe, x, segment_ids=(slot_ids, segment_ids))
-    y = layer_norm("LayerNorm_0", self.layer_norm_eps, self.dtype, self.param_dtype)(x)
-    return x + MlpBlock(self.mlp_dim, gelu_approximate=self.gelu_approximate, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="MlpBlock_0")(y)
-
-
 def _per_token(per_slot, segment_ids):
   """(S, K, ...) per image slot -> (S, L, ...) per token (padding: slot 0's)."""
   index = jnp.clip(segment_ids - 1, 0, per_slot.shape[1] - 1)
@@ -448,7 +415,7 @@ class NaViT(nn.Module):
     out["tokens"] = x
 
     if self.pool_type == "map":
-      pooled = PackedMAPHead(
+      pooled = MAPHead(
           num_heads=self.num_heads, mlp_dim=self.mlp_dim, gelu_approximate=self.gelu_approximate,
           layer_norm_eps=self.layer_norm_eps, attention_impl=self.attention_impl,
           dtype=self.dtype, param_dtype=self.param_dtype, name="MAPHead_0")(
@@ -544,5 +511,5 @@ NAVIT_PAPER = ("Patch n' Pack: NaViT, a Vision Transformer for any Aspect Ratio 
                "(Dehghani et al., 2023)")
 
 
-__all__ = ["NaViT", "PackedMAPHead", "PatchEmbedding", "POSEMBS", "from_padded",
+__all__ = ["NaViT", "PatchEmbedding", "POSEMBS", "from_padded",
            "images_to_packed", "pack", "patchify", "register_models", "resize_weights"]

@@ -12,11 +12,12 @@ In order, cheapest first:
   * the workdir: a directory that exists or can be created, writable;
   * the mesh against the devices, and the batch sizes against the mesh;
   * `init` (and `teacher.init`) paths;
-  * the dataset and its splits (digits, or a prepared TFDS dataset) and
-    `model.num_classes` against its classes: fewer is an error (labels without a
-    logit); more is allowed, as in transfer setups that keep a wider head;
   * the model's options, by tracing its init (`jax.eval_shape`, nothing compiled or
-    allocated), and freeze / lr_multipliers / layer_decay against its parameter names.
+    allocated), and `input.packing` against the model (NaViT only);
+  * the dataset and its splits (digits, or a prepared TFDS dataset), `input.packing`'s
+    values, and `model.num_classes` against its classes: fewer is an error (labels
+    without a logit); more is allowed, as in transfer setups that keep a wider head;
+  * freeze / lr_multipliers / layer_decay against the model's parameter names.
 """
 
 import difflib
@@ -197,8 +198,9 @@ def validate(config, workdir, *, devices=None):
   check_workdir(workdir)
   check_mesh_and_batch_sizes(config, jax.devices() if devices is None else devices)
   check_init(config)
+  params = check_model(config)  # Before the dataset: packing takes the model's patch size.
   check_dataset(config)
-  check_parameter_patterns(config, check_model(config))
+  check_parameter_patterns(config, params)
 
 
 def lookup(config, dotted_key):
