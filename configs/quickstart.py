@@ -69,6 +69,10 @@ def get_config(arg=None):
       drop_path_rate=0.1,
       attention_impl=None,
       dtype="float32",  # 'bfloat16' for mixed precision; params stay float32.
+      # Fewer tokens per block (vitjax/models/token_merging.py): ToMe with r > 0, or
+      # method='evit' / 'topk' pruning; r=0 and keep_rate=None: off, the plain ViT.
+      token_merging=dict(method="tome", r=0, schedule="constant", keep_rate=None, layers=None,
+                         proportional_attention=None),
   )
   config.init = None  # Optional weights to start from: any vitjax.load_weights source.
   config.init_head = "reinit"  # 'reinit': a fresh head; 'error': the head must fit.

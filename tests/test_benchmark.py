@@ -161,3 +161,102 @@ def test_a_family_without_a_variant_notes_what_it_builds(capsys):
   benchmark.check_model(benchmark.parse_args(["--model", "vit", "--variant", "mu/16"]))
   benchmark.check_model(benchmark.parse_args(["--model", "vit_tiny_patch16_224"]))
   assert not capsys.readouterr().err  # A size was given: nothing to note.
+
+
+# The toy ViT at 16 pixels in 4-pixel patches: 16 patches and a class token, 4 blocks.
+TINY_MERGING = ["--model", "vit", "--variant", "mu/4", "--image_size", "16", "--batch", "2",
+                "--steps", "2", "--warmup", "1"]
+
+
+@pytest.fixture(scope="module", name="merging_runs")
+def fixture_merging_runs(tmp_path_factory):
+  """mode -> (result, stdout, stderr, JSON path) of a --token_merging run."""
+  runs = {}
+  for mode, extra in (("infer", ["--token_merging", "r=2"]),
+                      ("train", ["--token_merging", "r=2,schedule=decreasing",
+                                 "--compare", "transformers", "--markdown"])):
+    path = tmp_path_factory.mktemp(mode) / "result.json"
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      result = benchmark.main(TINY_MERGING + ["--mode", mode, "--json", str(path)] + extra)
+    runs[mode] = result, out.getvalue(), err.getvalue(), path
+  return runs
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_token_merging_times_the_plain_and_merged_model_side_by_side(mode, merging_runs):
+  result, _, _, path = merging_runs[mode]
+  merging = result["token_merging"]
+  plain, merged = merging["plain"], merging["merged"]
+  for figures in (plain, merged):
+    assert len(figures["step_times_s"]) == 2
+    assert figures["images_per_s"] == pytest.approx(2 / (figures["ms_per_step"] * 1e-3))
+  assert plain["images_per_s"] == result["images_per_s"]  # The top-level figures are plain's.
+  assert merging["speedup"] == pytest.approx(
+      benchmark.paired_ratio(plain["step_times_s"], merged["step_times_s"]))
+  assert 0 < merged["gmacs"] < plain["gmacs"]
+  assert merging["gmacs_ratio"] == pytest.approx(merged["gmacs"] / plain["gmacs"])
+  assert 0 < merged["flops"] < result["flops"]  # XLA's count of the merged step is lower too.
+  assert result["torch"] is None and result["ratio"] is None  # No PyTorch side.
+  assert json.loads(path.read_text())["token_merging"]["speedup"] == merging["speedup"]
+
+
+def test_token_merging_takes_out_r_tokens_per_block(merging_runs):
+  from vitjax.models import token_merging  # pylint: disable=import-outside-toplevel
+  infer, train = (merging_runs[mode][0]["token_merging"] for mode in ("infer", "train"))
+  assert infer["options"] == {"r": 2} and infer["plain"]["tokens_at_last_block"] == 1 + 16
+  assert infer["tokens_at_last_block"] == 1 + 16 - 4 * 2  # r=2 in each of the 4 blocks.
+  assert train["options"] == {"r": 2, "schedule": "decreasing"}
+  assert train["tokens_at_last_block"] == 1 + 16 - sum(token_merging.schedule_r(2, 4, "decreasing"))
+
+
+def test_token_merging_output_and_markdown_row(merging_runs):
+  _, out, err, _ = merging_runs["infer"]
+  assert "  plain:  " in out and "  merged: " in out and "token merging r=2" in out
+  assert "tokens out of the last block 17 plain, 9 merged" in out
+  assert not err
+  result, out, err, _ = merging_runs["train"]
+  assert err.startswith("note: --compare transformers is skipped with --token_merging")
+  assert "| model | mode | batch | token merging | plain img/s | merged img/s | speedup |" in out
+  merging = result["token_merging"]
+  row = next(line for line in out.splitlines() if line.startswith("| vit | train | 2 |"))
+  assert row.startswith("| vit | train | 2 | `r=2,schedule=decreasing` |")
+  assert row.endswith(f"| {merging['speedup']:.2f}x | {merging['plain']['gmacs']:.3g} | "
+                      f"{merging['merged']['gmacs']:.3g} | {merging['gmacs_ratio']:.2f}x | "
+                      f"{merging['tokens_at_last_block']} |")
+
+
+def test_token_merging_spec_is_comma_separated_key_value_pairs():
+  assert benchmark.parse_token_merging("r=16,schedule=decreasing") == {
+      "r": 16, "schedule": "decreasing"}
+  assert benchmark.parse_token_merging("method=evit,keep_rate=0.7,layers=(3, 6,9)") == {
+      "method": "evit", "keep_rate": 0.7, "layers": (3, 6, 9)}
+  assert benchmark.parse_token_merging("r=[4,4,0,0],proportional_attention=False") == {
+      "r": [4, 4, 0, 0], "proportional_attention": False}
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("size=8", "Unknown token_merging key(s) 'size'"),
+    ("method=foo", "Unknown token_merging method 'foo'"),
+    ("8", "'8' is not key=value"),
+    ("r=(1,2", "unbalanced brackets"),
+    ("r=0", "takes out no token of the 4-block model"),
+    ("r=2,layers=(3,6,9)", "not block indices of a 4-block model"),
+])
+def test_a_bad_token_merging_spec_is_one_line_and_exit_status_2(spec, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    benchmark.check_model(benchmark.parse_args(TINY_MERGING + ["--token_merging", spec]))
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_bad_token_merging_spec_fails_before_any_device_work():
+  result = subprocess.run([sys.executable, "-m", "vitjax.tools.benchmark", *TINY_MERGING,
+                           "--token_merging", "r=-1"],
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      "error: token_merging r=-1: must be an int >= 0 (tokens taken out per block) or a tuple "
+      "of one per block."]
+  assert not result.stdout

@@ -1,6 +1,6 @@
 """Multi-head attention module; the math lives in `vitjax.ops.dot_product_attention`."""
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -28,6 +28,15 @@ class MultiHeadDotProductAttention(nn.Module):
   rope_theta: float = 100.0
   causal: bool = False  # Each query attends to itself and earlier tokens only.
   attention_impl: Optional[str] = None
+  # Token merging (vitjax.models.token_merging): `proportional` adds log(token size) of
+  # each key to the logits (ToMe's proportional attention) when the token state has
+  # `token_sizes`; `report` names what the call returns for the block's token reducer:
+  # 'keys' (mean over heads, (B, T, head_dim)), 'class_attention' (the first token's
+  # attention over the keys, mean over heads, (B, T)), 'received_attention' (the
+  # attention each key receives, mean over queries and heads). With a report the call returns
+  # `(output, {}, report)`.
+  proportional: bool = False
+  report: Sequence[str] = ()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -46,6 +55,9 @@ class MultiHeadDotProductAttention(nn.Module):
       positions = token_state.get("positions", positions)
       bias = token_state.get("attention_bias", bias)
       segment_ids = token_state.get("segment_ids", segment_ids)
+      if self.proportional and "token_sizes" in token_state:
+        size_bias = jnp.log(token_state["token_sizes"].astype(jnp.float32))[:, None, None, :]
+        bias = size_bias if bias is None else bias + size_bias
     causal = (self.causal if causal is None else causal) and bias is None
     if inputs_kv is None:
       inputs_kv = inputs_q
@@ -81,8 +93,29 @@ class MultiHeadDotProductAttention(nn.Module):
       x = ops.dot_product_attention(q, k, v, bias=bias, mask=mask, causal=causal,
                                     segment_ids=segment_ids,
                                     implementation=self.attention_impl)
-    return OutProjection(self.out_features or inputs_q.shape[-1], use_bias=self.use_bias,
-                         dtype=self.dtype, param_dtype=self.param_dtype, name="out")(x)
+    out = OutProjection(self.out_features or inputs_q.shape[-1], use_bias=self.use_bias,
+                        dtype=self.dtype, param_dtype=self.param_dtype, name="out")(x)
+    if not self.report:
+      return out
+    return out, {}, self._report(q, k, bias)
+
+  def _report(self, q, k, bias):
+    """What `report` asks for, computed from the call's queries, keys and bias."""
+    report = {}
+    for name in self.report:
+      if name == "keys":
+        report["keys"] = jnp.mean(k.astype(jnp.float32), axis=2)
+      elif name == "class_attention":  # One query row: cheap beside a fused kernel.
+        weights = ops.attention_weights(q[:, :1], k, bias=None if bias is None
+                                        else _first_query_row(bias))
+        report["class_attention"] = jnp.mean(weights[:, :, 0], axis=1)
+      elif name == "received_attention":
+        weights = ops.attention_weights(q, k, bias=bias)
+        report["received_attention"] = jnp.mean(weights, axis=(1, 2))
+      else:
+        raise ValueError(f"Unknown attention report {name!r}; use 'keys', 'class_attention' "
+                         "or 'received_attention'.")
+    return report
 
   def _rotate(self, q, k, positions, head_dim):
     if positions is None:
@@ -101,6 +134,12 @@ class MultiHeadDotProductAttention(nn.Module):
       raise ValueError(f"Unknown rope {self.rope!r}; use 'axial', 'mixed' or '1d'.")
     angles = posemb.rope_angles(xy, frequencies)
     return posemb.apply_rope(q, angles, rotated), posemb.apply_rope(k, angles, rotated)
+
+
+def _first_query_row(bias):
+  """The bias of the first query: `bias` (broadcastable to (B, H, Q, K)) at query 0."""
+  bias = jnp.asarray(bias)
+  return bias[..., :1, :] if bias.ndim >= 2 else bias
 
 
 class HeadProjection(nn.Module):

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitjax.models import parts
+from vitjax.models import token_merging as token_merging_lib
 from vitjax.models.attention import MultiHeadDotProductAttention
 from vitjax.models.layers import MlpBlock, layer_norm, patch_stem_input
 from vitjax.models.partitioning import logical
@@ -173,8 +174,15 @@ class _MaskedImageModel(nn.Module):
   attention_impl: Optional[str] = None
   remat_policy: str = "none"
   scan_layers: bool = False
+  # Token merging / pruning in the encoder (vitjax.models.token_merging), e.g. dict(r=4):
+  # the encoded tokens are unmerged (one per visible patch) before the decoder.
+  token_merging: Optional[Any] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+
+  def __post_init__(self):
+    object.__setattr__(self, "token_merging", token_merging_lib.freeze(self.token_merging))
+    super().__post_init__()
 
   @property
   def grid_size(self):
@@ -210,14 +218,27 @@ class _MaskedImageModel(nn.Module):
             MlpBlock, mlp_dim=mlp_dim, dropout=self.dropout,
             gelu_approximate=self.gelu_approximate, dtype=self.dtype,
             param_dtype=self.param_dtype, name="MlpBlock_0"))
-    return parts.Encoder(block=block, depth=depth, norm=norm, drop_path_rate=drop_path_rate,
-                         scan_layers=self.scan_layers, remat_policy=self.remat_policy, name=name)
+    layers = None
+    merging = name == "Transformer" and token_merging_lib.parse(self.token_merging, depth)
+    if merging:  # The encoder only; the decoder sees every token again.
+      token_merging_lib.check_model(self, merging)
+      layers = token_merging_lib.apply(merging, (block,) * depth, num_protected=1)
+    return parts.Encoder(block=block, depth=depth, layers=layers, norm=norm,
+                         drop_path_rate=drop_path_rate, scan_layers=self.scan_layers,
+                         remat_policy=self.remat_policy, name=name)
 
   def _encode(self, x, deterministic, out):
-    """Runs the ViT encoder on (B, 1 + n, width) tokens; fills out's encoder entries."""
-    x, _, out["encoder"] = self._encoder(
+    """Runs the ViT encoder on (B, 1 + n, width) tokens; fills out's encoder entries.
+
+    With token merging, the encoded tokens are unmerged: one per input token again.
+    """
+    x, token_state, out["encoder"] = self._encoder(
         "Transformer", self.depth, self.mlp_dim, self.num_heads,
         self.drop_path_rate)(x, deterministic=deterministic)
+    if "token_index" in token_state:
+      out["token_sizes"] = token_state["token_sizes"]
+      out["token_index"] = token_state["token_index"]
+      x = token_merging_lib.unmerge(x, token_state["token_index"])
     out["encoded"] = x
     out["tokens"] = x[:, 1:]
     out["pre_logits"] = x[:, 0]  # The class token, as MAE's linear probe reads it.

@@ -16,7 +16,13 @@ a module and a factory, not a new option of the ViT:
 
 Mixers are called `mixer(x, deterministic=..., token_state=...)` and return the
 mixed tokens, or `(tokens, {name: scalar})` to add auxiliary losses (an MoE's
-load-balancing loss) that reach the task's loss through `out['aux_loss']`.
+load-balancing loss) that reach the task's loss through `out['aux_loss']`, or
+`(tokens, losses, report)` with a dict of arrays for the block's token reducer
+(the attention's keys for ToMe, its class-token row for EViT).
+
+A block's `token_reducer` (vitjax.models.token_merging) changes the number of
+tokens between the token mixer and the channel mixer: `reducer(x, token_state,
+report)` -> `(x, token_state)`.
 
 Token state: a dict of per-token (or per-sequence) arrays that travels with the
 tokens through the blocks. Blocks may change the number of tokens (merging,
@@ -26,6 +32,7 @@ pruning) and must then update what they carry. Keys vitjax uses:
     attention_bias  additive attention bias; replaces the causal mask (iLLaMA's soft mask)
     segment_ids     (batch, tokens) ints: tokens attend within their segment (packing)
     token_sizes     (batch, tokens): how many input tokens each token stands for (merging)
+    token_index     (batch, input tokens): the token each input token went into (-1: pruned)
     aux_loss        {name: scalar} auxiliary losses, summed over the blocks
 
 Per-layer patterns: `Encoder(layers=...)` gives some layers another block, e.g.
@@ -80,12 +87,14 @@ def add_aux_losses(token_state, losses):
 
 
 def _mix(mixer, y, token_state, deterministic):
-  """Runs a mixer; returns its tokens and `token_state` with any auxiliary losses added."""
+  """Runs a mixer: (its tokens, `token_state` with any auxiliary losses added, its report)."""
   result = mixer(y, deterministic=deterministic, token_state=token_state)
+  report = {}
   if isinstance(result, tuple):
-    result, losses = result
+    result, losses, *rest = result
     token_state = add_aux_losses(token_state, losses)
-  return result, token_state
+    report = rest[0] if rest else {}
+  return result, token_state, report
 
 
 class Block(nn.Module):
@@ -95,12 +104,15 @@ class Block(nn.Module):
   (ViT-22B); `layer_scale_init` scales each branch by a learned per-channel
   vector (CaiT, DINOv2). The norms are named `LayerNorm_0` / `LayerNorm_1` whatever
   their kind, the names of big_vision's block, so checkpoints load unchanged.
+  `token_reducer` (merging, pruning) runs after the token mixer's residual, or at
+  the end of a parallel block, and changes the number of tokens.
   `__call__(x, token_state, deterministic, drop_path)` -> `(x, token_state)`.
   """
   token_mixer: Factory
   channel_mixer: Factory
   norm: Factory
   parallel: bool = False
+  token_reducer: Optional[Callable] = None
   layer_scale_init: Optional[float] = None
   dropout: float = 0.0
   drop_path: float = 0.0
@@ -122,15 +134,19 @@ class Block(nn.Module):
     token_mixer, channel_mixer = self.token_mixer(), self.channel_mixer()
     if self.parallel:
       y = self.norm(name="LayerNorm_0")(x)
-      mixed, token_state = _mix(token_mixer, y, token_state, deterministic)
-      channels, token_state = _mix(channel_mixer, y, token_state, deterministic)
+      mixed, token_state, report = _mix(token_mixer, y, token_state, deterministic)
+      channels, token_state, _ = _mix(channel_mixer, y, token_state, deterministic)
       x = x + residual(mixed, 0) + residual(channels, 1)
+      if self.token_reducer is not None:
+        x, token_state = self.token_reducer(x, token_state, report)
     else:
-      mixed, token_state = _mix(token_mixer, self.norm(name="LayerNorm_0")(x), token_state,
-                                deterministic)
+      mixed, token_state, report = _mix(token_mixer, self.norm(name="LayerNorm_0")(x),
+                                        token_state, deterministic)
       x = x + residual(mixed, 0)
-      channels, token_state = _mix(channel_mixer, self.norm(name="LayerNorm_1")(x),
-                                   token_state, deterministic)
+      if self.token_reducer is not None:
+        x, token_state = self.token_reducer(x, token_state, report)
+      channels, token_state, _ = _mix(channel_mixer, self.norm(name="LayerNorm_1")(x),
+                                      token_state, deterministic)
       x = x + residual(channels, 1)
     return constrain(x, "act_batch", "act_length", "act_embed"), token_state
 

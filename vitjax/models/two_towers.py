@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from vitjax.models import registry
+from vitjax.models import token_merging as token_merging_lib
 from vitjax.models import vit
 from vitjax.models.partitioning import logical
 from vitjax.models.text import TextTransformer
@@ -68,14 +69,20 @@ class TwoTowers(nn.Module):
   text_projection: bool = True
   temperature_init: float = SIGLIP_TEMPERATURE_INIT  # t; the logit scale is exp(t).
   bias_init: Optional[float] = SIGLIP_BIAS_INIT  # None: no bias (CLIP).
+  # Token merging / pruning in the image tower (vitjax.models.token_merging), e.g.
+  # dict(r=8): the same as image=dict(token_merging=...).
+  token_merging: Any = None
 
   def __post_init__(self):
     object.__setattr__(self, "image", _freeze(self.image))
     object.__setattr__(self, "text", _freeze(self.text))
+    object.__setattr__(self, "token_merging", token_merging_lib.freeze(self.token_merging))
     super().__post_init__()
 
   def _image_tower(self):
     options = dict(self.image)
+    if self.token_merging is not None:
+      options["token_merging"] = self.token_merging
     options["num_classes"] = self.embed_dim if self.image_projection else 0
     options.setdefault("head_zeroinit", False)  # A zero projection has no direction.
     return registry.create_model(self.image_model, **options)

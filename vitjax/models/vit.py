@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from vitjax.models import flexi
 from vitjax.models import parts
+from vitjax.models import token_merging as token_merging_lib
 from vitjax.models.attention import MultiHeadDotProductAttention
 from vitjax.models.layers import MAPHead, MlpBlock, SwiGLU, norm_layer, patch_stem_input
 from vitjax.models.partitioning import constrain, logical
@@ -205,6 +206,9 @@ class VisionTransformer(nn.Module):
   channel_mixer: Optional[Callable[..., nn.Module]] = None  # Default: per `mlp`.
   block: Optional[Callable[..., nn.Module]] = None  # Default: parts.Block.
   layers: Optional[Sequence[Any]] = None  # Per-layer pattern; see `layer_pattern`.
+  # Token merging and pruning (vitjax.models.token_merging): ToMe, EViT or top-k in the
+  # blocks, e.g. dict(r=8) or dict(method='evit', keep_rate=0.7); None or r=0: off.
+  token_merging: Optional[Any] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -215,6 +219,7 @@ class VisionTransformer(nn.Module):
       object.__setattr__(self, "layers", tuple(
           flax.core.FrozenDict(entry) if isinstance(entry, Mapping) else entry
           for entry in self.layers))
+    object.__setattr__(self, "token_merging", token_merging_lib.freeze(self.token_merging))
     super().__post_init__()
 
   @property
@@ -358,6 +363,12 @@ class VisionTransformer(nn.Module):
       out["soft_mask_weight"] = weight
 
     block, layers = self.layer_pattern()
+    merging = token_merging_lib.parse(self.token_merging, self.depth)
+    if merging:
+      token_merging_lib.check_model(self, merging)
+      layers = token_merging_lib.apply(merging, parts.layer_factories(block, layers, self.depth),
+                                       self.num_prefix_tokens + self.num_registers,
+                                       class_token=self.pool_type == "token")
     x, token_state, out["encoder"] = parts.Encoder(
         block=block, depth=self.depth, layers=layers, norm=self.norm_factory(),
         drop_path_rate=self.drop_path_rate, scan_layers=self.scan_layers,
@@ -369,6 +380,11 @@ class VisionTransformer(nn.Module):
     first_patch = self.num_prefix_tokens + self.num_registers
     out["registers"] = x[:, self.num_prefix_tokens:first_patch]
     out["tokens"] = x[:, :-self.num_prefix_tokens] if class_last else x[:, first_patch:]
+    if merging:  # Every patch's token back, in patch order; the reduced ones stay in `encoded`.
+      out["tokens"] = token_merging_lib.unmerged_patches(x, token_state, first_patch,
+                                                         out["stem"].shape[1])
+      out["token_sizes"] = token_state["token_sizes"]
+      out["token_index"] = token_state["token_index"]
     x = parts.pool(self.pool_type, x, first_patch=first_patch, class_last=class_last,
                    token_sizes=token_state.get("token_sizes"), map_head=lambda tokens: MAPHead(
                        num_heads=self.num_heads, mlp_dim=self.mlp_dim,

@@ -3,6 +3,9 @@
     python -m vitjax.tools.benchmark --model vit_base_patch16_224 --batch 256 \\
         --mode train --dtype bfloat16 [--compare auto|none|timm|transformers] \\
         [--steps 20] [--warmup 3] [--markdown] [--json results.json]
+    python -m vitjax.tools.benchmark --model vit_small_patch16_224 --mode infer \\
+        --token_merging SPEC   # SPEC: r=8 | r=16,schedule=decreasing | method=topk,r=4 |
+                               #       method=evit,keep_rate=0.7 | r=8,layers=(3,6,9)
 
 It times one jitted step of the vitjax model: in 'train' mode a full optimizer step
 (forward, softmax cross-entropy, backward, `optax.adamw` update, state donated), in 'infer'
@@ -17,12 +20,21 @@ vitjax's speed relative to it: with timm installed, `timm.create_model(name)` un
 the same random inputs, generated once on the device, and their steps alternate, so that a
 change in the machine's load hits both alike.
 
+With `--token_merging SPEC` it times, in the same way, the vitjax model without and with
+token merging or pruning (`create_model(..., token_merging=...)`, see
+vitjax/models/token_merging.py; SPEC is its keys as key=value pairs, values as Python
+literals) on the same parameters, in place of PyTorch. It prints the speed-up (median of the
+per-round ratios of step times), the forward GMACs per image of both and the tokens out of
+the last block.
+
 On a CPU the vitjax step is compiled with vitjax.xla_options (as the trainer does; `--xla_defaults`
-leaves them out). Of vitjax it imports only `vitjax.models`, so it runs where ml-collections,
-grain and tensorflow-datasets are not installed.
+leaves them out). Of vitjax it imports only `vitjax.models` (and `vitjax.tools.model_table`
+for `--token_merging`'s MAC count), so it runs where ml-collections, grain and
+tensorflow-datasets are not installed.
 """
 
 import argparse
+import ast
 import contextlib
 import datetime
 import importlib.metadata
@@ -105,19 +117,26 @@ def planned_bytes(compiled):
 # ----------------------------------------------------------------------------- vitjax side
 
 
-def build_vitjax(args, dtype, images, labels, compiler_options=None):
+def build_vitjax(args, dtype, images, labels, compiler_options=None, *, token_merging=None,
+                 params=None):
   """(run_step, compiled, model, compiler_options): one compiled vitjax step.
 
   `run_step()` runs a step and waits for it. Where this JAX does not know one of
   `compiler_options`, the step is compiled without them and the returned options are None.
+  `token_merging`: the model's `token_merging` option. `params`: the model's parameters
+  (default: freshly initialised); a train step donates them, so pass each step its own copy.
   """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
   from vitjax import models  # pylint: disable=import-outside-toplevel
 
-  model = models.create_model(args.model, **model_overrides(args, dtype))
-  params = models.init_params(model)
+  overrides = model_overrides(args, dtype)
+  if token_merging is not None:
+    overrides["token_merging"] = token_merging
+  model = models.create_model(args.model, **overrides)
+  if params is None:
+    params = models.init_params(model)
   dropout_key = jax.random.key(1)
   optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
 
@@ -164,6 +183,22 @@ def build_vitjax(args, dtype, images, labels, compiler_options=None):
   return run_step, compiled, model, compiler_options
 
 
+def forward_figures(model, params, image_shape):
+  """{'gmacs', 'tokens_at_last_block'}: forward multiply-adds on one image of `image_shape`
+  (H, W, C), and the tokens out of the last block (`out['encoded']`). Traced only: nothing
+  runs; `params` may be shapes."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from vitjax.tools import model_table  # pylint: disable=import-outside-toplevel
+
+  params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+  images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  forward = lambda p, x: model.apply({"params": p}, x)  # As model_table.model_row counts.
+  _, out = jax.eval_shape(forward, params, images)
+  return {"gmacs": model_table.count_macs(forward, params, images) / 1e9,
+          "tokens_at_last_block": out["encoded"].shape[1]}
+
+
 def model_overrides(args, dtype):
   overrides = {"dtype": dtype}
   if args.variant:
@@ -175,14 +210,69 @@ def model_overrides(args, dtype):
   return overrides
 
 
+def parse_token_merging(text):
+  """The `token_merging` dict of a `--token_merging` value such as 'r=8',
+  'method=evit,keep_rate=0.7' or 'r=8,layers=(3,6,9)'.
+
+  Items are split at the commas outside brackets; a value is the Python literal it spells
+  (8, 0.7, (3, 6, 9), True), else the string ('evit'). Raises ValueError for an item that
+  is not key=value, a repeated key or unbalanced brackets; the keys and values themselves
+  are checked by vitjax.models.token_merging.parse.
+  """
+  items, depth, start = [], 0, 0
+  for i, char in enumerate(text):
+    if char in "([{":
+      depth += 1
+    elif char in ")]}":
+      depth -= 1
+    elif char == "," and depth == 0:
+      items.append(text[start:i])
+      start = i + 1
+    if depth < 0:
+      break
+  if depth:
+    raise ValueError(f"--token_merging {text!r}: unbalanced brackets.")
+  items.append(text[start:])
+  spec = {}
+  for item in filter(str.strip, items):  # A trailing comma is harmless.
+    key, equals, value = (part.strip() for part in item.partition("="))
+    if not equals or not key.isidentifier():
+      raise ValueError(f"--token_merging {text!r}: {item.strip()!r} is not key=value; give "
+                       "e.g. r=8, r=16,schedule=decreasing or method=evit,keep_rate=0.7.")
+    if key in spec:
+      raise ValueError(f"--token_merging {text!r}: {key!r} is given twice.")
+    try:
+      spec[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError, TypeError):
+      spec[key] = value  # A bare word: method=evit, schedule=decreasing.
+  return spec
+
+
 def check_model(args):
-  """Exits with status 2 and one line if create_model rejects `--model` or its options; notes
-  what a family name without `--variant` builds."""
+  """Exits with status 2 and one line if create_model rejects `--model` or its options, or
+  `--token_merging`; notes what a family name without `--variant` builds.
+
+  Returns the `token_merging` dict of `--token_merging`, or None without it.
+  """
   from vitjax import models  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from vitjax.models import token_merging as token_merging_lib
   overrides = model_overrides(args, None)
   del overrides["dtype"]  # Decided by the device, later; it does not change the checks.
+  token_merging = None
   try:
     models.create_model(args.model, **overrides)
+    if args.token_merging is not None:
+      token_merging = parse_token_merging(args.token_merging)
+      merged = models.create_model(args.model, **overrides, token_merging=token_merging)
+      # The model checks its option only when applied: check it here, before any device work.
+      depth = getattr(merged, "depth", None)  # None: a two-tower model, checked when applied.
+      if depth:
+        parsed = token_merging_lib.parse(token_merging, depth)
+        if parsed is None:
+          raise ValueError(f"--token_merging {args.token_merging!r} takes out no token of the "
+                           f"{depth}-block model: give r > 0 or keep_rate < 1.")
+        token_merging_lib.check_model(merged, parsed)
   except (models.UnknownModelError, models.UnknownOptionError, ValueError) as error:
     print(f"error: {error}", file=sys.stderr)
     raise SystemExit(2) from None
@@ -190,6 +280,7 @@ def check_model(args):
     print(f"note: {models.describe_family_default(args.model, **overrides)}; pass --variant "
           f"(e.g. --variant S/16) or a full name (python -m vitjax.tools.model_table "
           f"'{args.model}_*' lists them)", file=sys.stderr, flush=True)
+  return token_merging
 
 
 # ---------------------------------------------------------------------------- PyTorch side
@@ -359,17 +450,30 @@ def summary_lines(result):
   memory = ("n/a" if r["peak_memory_bytes"] is None
             else f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB ({r['peak_memory_source']})")
   mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}% of {r['peak_tflops']:g} TFLOP/s"
+  merging = r.get("token_merging")
   lines = [
       f"vitjax {r['model']} {r['mode']}, batch {r['batch']}, {r['dtype']}, "
       f"{r['image_size']}px on {r['device']}"
       + (f" ({r['cpu_threads']} threads)" if r.get("cpu_threads") else "") + ":",
-      f"  {_fmt(r['images_per_s'])} images/s, {_fmt(r['ms_per_step'])} ms/step (median of "
-      f"{r['steps']}), {_fmt(r['tflops'])} TFLOP/s ({_fmt(r['flops'] and r['flops'] / 1e9)} "
-      f"GFLOP/step by XLA's cost analysis), MFU {mfu}",
-      f"  peak memory {memory}",
+      ("  plain:  " if merging else "  ") + _speed_text(r, mfu),
   ]
+  if merging:
+    merged = merging["merged"]
+    mfu = "n/a" if merged["mfu"] is None else f"{100 * merged['mfu']:.1f}%"
+    lines.append("  merged: " + _speed_text({**merged, "steps": r["steps"]}, mfu))
+  lines.append(f"  peak memory {memory}")
   if r["compiler_options"]:
     lines.append("  compiled with " + _options_text(r["compiler_options"]).replace("`", ""))
+  if merging:
+    m = merging
+    lines += [
+        f"token merging {m['spec']} (same parameters; plain and merged steps alternate):",
+        f"  speedup {m['speedup']:.2f}x (median of the per-round ratios of step times, plain / "
+        "merged)",
+        f"  forward GMACs per image {m['plain']['gmacs']:.3g} plain, {m['merged']['gmacs']:.3g} "
+        f"merged ({m['gmacs_ratio']:.2f}x); tokens out of the last block "
+        f"{m['plain']['tokens_at_last_block']} plain, {m['tokens_at_last_block']} merged",
+    ]
   torch_result = r.get("torch")
   if torch_result and torch_result.get("error"):
     lines.append(f"  PyTorch ({torch_result['implementation']}): n/a: {torch_result['error']}")
@@ -386,6 +490,13 @@ def summary_lines(result):
   return lines
 
 
+def _speed_text(r, mfu):
+  """Images/s, ms/step, TFLOP/s and MFU of one timed step (`r`: its figures)."""
+  return (f"{_fmt(r['images_per_s'])} images/s, {_fmt(r['ms_per_step'])} ms/step (median of "
+          f"{r['steps']}), {_fmt(r['tflops'])} TFLOP/s ({_fmt(r['flops'] and r['flops'] / 1e9)} "
+          f"GFLOP/step by XLA's cost analysis), MFU {mfu}")
+
+
 def _background_warning(result):
   share = result["background_cpu"]
   if share is None or share <= _BACKGROUND_WARNING:
@@ -398,7 +509,24 @@ _MARKDOWN_COLUMNS = ("model", "mode", "batch", "dtype", "vitjax img/s", "ms/step
                      "peak memory MiB", "PyTorch", "PyTorch img/s", "vitjax / PyTorch")
 
 
+def _setup_notes(r):
+  """Markdown bullets on what else shaped the numbers: load, compiler options, threads."""
+  notes = []
+  if _background_warning(r):
+    notes.append("- " + _background_warning(r))
+  if r["compiler_options"]:
+    notes.append("- vitjax step compiled with " + _options_text(r["compiler_options"]) + ".")
+  if r["xla_flags"]:
+    notes.append(f"- XLA_FLAGS: `{r['xla_flags']}`")
+  if r.get("cpu_threads"):
+    notes.append(f"- XLA's CPU thread pool: {r['cpu_threads']} threads (the cores this process "
+                 "may use).")
+  return notes
+
+
 def markdown_lines(result):
+  if result.get("token_merging"):
+    return token_merging_markdown_lines(result)
   r, t = result, result.get("torch") or {}
   header = [
       f"Throughput on {r['device']} ({r['platform']}), "
@@ -409,16 +537,7 @@ def markdown_lines(result):
       "excluded; vitjax and PyTorch steps alternate (A B, B A, ...) and vitjax / PyTorch is "
       "the median of the per-round ratios of step times. FLOPs: XLA's cost analysis of the vitjax "
       "step. Memory: " + (r["peak_memory_source"] or "n/a") + ".",
-  ]
-  if _background_warning(r):
-    header.append("- " + _background_warning(r))
-  if r["compiler_options"]:
-    header.append("- vitjax step compiled with " + _options_text(r["compiler_options"]) + ".")
-  if r["xla_flags"]:
-    header.append(f"- XLA_FLAGS: `{r['xla_flags']}`")
-  if r.get("cpu_threads"):
-    header.append(f"- XLA's CPU thread pool: {r['cpu_threads']} threads (the cores this process "
-                  "may use).")
+  ] + _setup_notes(r)
   if t and not t.get("error"):
     header.append(f"- PyTorch: {t['implementation']}, "
                   + ("torch.compile" if t["torch_compile"] else "eager")
@@ -435,6 +554,37 @@ def markdown_lines(result):
   return header + ["", "| " + " | ".join(_MARKDOWN_COLUMNS) + " |",
                    "|" + "|".join("---" if c in ("model", "mode", "dtype", "PyTorch") else "---:"
                                   for c in _MARKDOWN_COLUMNS) + "|",
+                   "| " + " | ".join(cells) + " |"]
+
+
+_TOKEN_MERGING_COLUMNS = ("model", "mode", "batch", "token merging", "plain img/s",
+                          "merged img/s", "speedup", "plain GMACs", "merged GMACs", "GMACs ratio",
+                          "tokens at last block")
+
+
+def token_merging_markdown_lines(result):
+  """`markdown_lines` of a `--token_merging` run: the plain and merged model side by side."""
+  r, m = result, result["token_merging"]
+  header = [
+      f"Throughput on {r['device']} ({r['platform']}), "
+      + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + f", {r['date']}.",
+      "",
+      f"- Command: `{r['command']}`",
+      f"- {r['dtype']}, {r['image_size']}px; the plain and merged models share parameters. "
+      f"Median step time of {r['steps']} steps after {r['warmup']} warm-up steps, compilation "
+      "excluded; plain and merged steps alternate (A B, B A, ...) and the speedup is the median "
+      "of the per-round ratios of step times (plain / merged). GMACs: forward multiply-adds per "
+      "image (`vitjax.tools.model_table.count_macs`; the merging's own matmuls included). "
+      "Tokens at last block: out of the last block, prefix tokens included "
+      f"({m['plain']['tokens_at_last_block']} without merging).",
+  ] + _setup_notes(r)
+  cells = [r["model"], r["mode"], str(r["batch"]), f"`{m['spec']}`",
+           _fmt(m["plain"]["images_per_s"]), _fmt(m["merged"]["images_per_s"]),
+           f"{m['speedup']:.2f}x", f"{m['plain']['gmacs']:.3g}", f"{m['merged']['gmacs']:.3g}",
+           f"{m['gmacs_ratio']:.2f}x", str(m["tokens_at_last_block"])]
+  return header + ["", "| " + " | ".join(_TOKEN_MERGING_COLUMNS) + " |",
+                   "|" + "|".join("---" if c in ("model", "mode", "token merging") else "---:"
+                                  for c in _TOKEN_MERGING_COLUMNS) + "|",
                    "| " + " | ".join(cells) + " |"]
 
 
@@ -459,6 +609,10 @@ def parse_args(argv):
   parser.add_argument("--image_size", type=int, help="input resolution on both sides "
                       "(default: the model's own)")
   parser.add_argument("--attention_impl", help="vitjax.create_model(attention_impl=...)")
+  parser.add_argument("--token_merging", metavar="SPEC", help="time the model without and with "
+                      "vitjax.create_model(token_merging=...) on the same parameters, in place of "
+                      "PyTorch; SPEC: key=value pairs, e.g. r=8, r=16,schedule=decreasing, "
+                      "method=evit,keep_rate=0.7, method=topk,r=4, r=8,layers=(3,6,9)")
   parser.add_argument("--compare", choices=("auto", "none", "timm", "transformers"),
                       default="auto", help="the PyTorch model to time alongside; auto: timm if "
                       "installed, else transformers, else none")
@@ -481,11 +635,14 @@ def main(argv=None):
   """Runs the benchmark, prints the results and returns them as a dict."""
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
-  compare = resolve_compare(args.compare)
+  token_merging = check_model(args)  # Before any device work: a wrong name fails in seconds.
+  compare = "none" if token_merging is not None else resolve_compare(args.compare)
+  if token_merging is not None and args.compare not in ("auto", "none"):
+    print(f"note: --compare {args.compare} is skipped with --token_merging, which compares "
+          "vitjax without and with merging", file=sys.stderr, flush=True)
   if compare != "none":
     # JAX would otherwise take 75% of the GPU's memory up front, leaving PyTorch too little.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-  check_model(args)  # Before any device work: a wrong name fails in seconds.
 
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -504,9 +661,21 @@ def main(argv=None):
   labels = jax.random.randint(label_key, (batch,), 0, probe.num_classes or 1000)
 
   options = None if args.xla_defaults else compiler_options(platform)
+  # Token merging adds no parameters: the plain and merged models run the same ones.
+  params = models.init_params(probe) if token_merging is not None else None
   run_vitjax, compiled, model, options = build_vitjax(args, jnp.dtype(dtype_name), images,
-                                                      labels, options)
+                                                      labels, options, params=params)
   runners = {"vitjax": run_vitjax}
+  merged = None
+  if token_merging is not None:
+    figures = {"plain": forward_figures(model, params, images.shape[1:])}
+    if args.mode == "train":  # Each train step donates its parameters: the merged one a copy.
+      params = jax.tree.map(jnp.copy, params)
+    run_merged, merged_compiled, merged, _ = build_vitjax(
+        args, jnp.dtype(dtype_name), images, labels, options, token_merging=token_merging,
+        params=params)
+    figures["merged"] = forward_figures(merged, params, images.shape[1:])
+    runners["merged"] = run_merged
   torch_info = None
   if compare != "none":
     try:
@@ -549,8 +718,24 @@ def main(argv=None):
       "compiler_options": options, "versions": _versions(compare),
       "date": datetime.date.today().isoformat(),
       "command": f"python -m vitjax.tools.benchmark {shlex.join(argv)}".rstrip(),
-      "torch": torch_info, "ratio": None,
+      "torch": torch_info, "ratio": None, "token_merging": None,
   }
+  if merged is not None:
+    merged_s, merged_flops = statistics.median(times["merged"]), xla_flops(merged_compiled)
+    merged_tflops = merged_flops / merged_s / 1e12 if merged_flops else None
+    result["token_merging"] = {
+        "spec": args.token_merging, "options": token_merging,
+        "plain": {"images_per_s": batch / step_s, "ms_per_step": step_s * 1e3,
+                  "step_times_s": times["vitjax"], **figures["plain"]},
+        "merged": {"images_per_s": batch / merged_s, "ms_per_step": merged_s * 1e3,
+                   "step_times_s": times["merged"], "flops": merged_flops,
+                   "tflops": merged_tflops,
+                   "mfu": merged_tflops / peak if merged_tflops and peak else None,
+                   **figures["merged"]},
+        "speedup": paired_ratio(times["vitjax"], times["merged"]),
+        "gmacs_ratio": figures["merged"]["gmacs"] / figures["plain"]["gmacs"],
+        "tokens_at_last_block": figures["merged"]["tokens_at_last_block"],
+    }
   if "torch" in times:
     torch_s = statistics.median(times["torch"])
     torch_info.update({"images_per_s": batch / torch_s, "ms_per_step": torch_s * 1e3,
