@@ -99,6 +99,12 @@ def test_more_warmup_than_steps_is_allowed_for_short_runs(tmp_path):
                       str(tmp_path / "run"))
 
 
+def test_token_merging_settings_pass(tmp_path):
+  for overrides in (["model.token_merging.r=2"],
+                    ["model.token_merging.method=evit", "model.token_merging.keep_rate=0.7"]):
+    validation.validate(quickstart(*overrides), str(tmp_path / "run"))
+
+
 def test_zero_means_off_for_eval_and_checkpoint_intervals(tmp_path):
   validation.validate(quickstart("eval_every=0", "checkpoint_every=0"), str(tmp_path / "run"))
 
@@ -166,6 +172,8 @@ def test_parameter_patterns_must_match(tmp_path, override, match):
     ("model.variant=Q/16", "config.model: Unknown ViT variant 'Q/16': expected SIZE/PATCH"),
     ("model.pool_type=tok", "config.model: Unknown pool_type 'tok'; use one of: 'token', 'gap'"),
     ("model.variant=mu/5", "16x16 images are not a whole number of 5x5 patches"),
+    ("model.token_merging.method=tomee", "Unknown token_merging method 'tomee'; use one of"),
+    ("model.token_merging.r=-2", "token_merging r=-2: must be an int >= 0"),
 ])
 def test_model_options_the_model_rejects_when_it_runs(tmp_path, override, match):
   """Checked by tracing the model's init: no longer a traceback from inside the model."""
@@ -307,6 +315,7 @@ def test_train_validates_before_writing(tmp_path):
     ("optimizer.freeze=encoder_block", "pattern 'encoder_block' matches no parameter"),
     ("model.num_classes=5", "--config.model.num_classes=10"),
     ("ema.decy=0.99", "Unknown config key 'ema.decy'. Did you mean 'ema.decay'?"),
+    ("model.token_merging.rr=2", "Did you mean 'model.token_merging.r',"),
 ])
 def test_cli_bad_value_exits_2_and_writes_nothing(tmp_path, override, message):
   workdir = tmp_path / "w"
