@@ -8,11 +8,12 @@
 #   bash experiments/gpu_session.sh packed      # NaViT: packed (segment ids) vs padded
 #   bash experiments/gpu_session.sh sweep       # Pallas tiles vs cuDNN on three shapes
 #   bash experiments/gpu_session.sh throughput  # ViT-B/16 bf16 train + infer vs timm
+#   bash experiments/gpu_session.sh merging     # ToMe: ViT-B/16 bf16 infer, r = 8, 13, 16
 #
 # Each step fits one 10-minute device call; results go to $OUT (default gpu_results/),
 # ready to paste into BENCHMARKS.md with the device line printed first.
 set -uo pipefail
-step=${1:?"which step: check, attention, packed, sweep or throughput"}
+step=${1:?"which step: check, attention, packed, sweep, throughput or merging"}
 out=${OUT:-gpu_results}
 mkdir -p "$out"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
@@ -43,5 +44,12 @@ case "$step" in
         --mode "$mode" --dtype bfloat16 --markdown --json "$out/$mode.json" \
         2>&1 | tee "$out/$mode.md"
     done ;;
-  *) echo "unknown step '$step': check, attention, packed, sweep or throughput" >&2; exit 2 ;;
+  merging)
+    # Token merging: the merged and the plain model side by side (ToMe's Table: ViT-B/16).
+    for r in 8 13 16; do
+      python3 -m vitjax.tools.benchmark --model vit_base_patch16_224 --batch 256 \
+        --mode infer --dtype bfloat16 --token_merging "r=$r" --markdown \
+        --json "$out/merging_r$r.json" 2>&1 | tee "$out/merging_r$r.md"
+    done ;;
+  *) echo "unknown step '$step': check, attention, packed, sweep, throughput or merging" >&2; exit 2 ;;
 esac
