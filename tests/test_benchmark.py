@@ -183,8 +183,16 @@ def fixture_merging_runs(tmp_path_factory):
   return runs
 
 
-@pytest.mark.parametrize("mode", ["infer", "train"])
-def test_token_merging_times_the_plain_and_merged_model_side_by_side(mode, merging_runs):
+def test_token_merging_runs(merging_runs):
+  """One test over both runs: under xdist, each test of its own would redo the fixture."""
+  for mode in ("infer", "train"):
+    _check_side_by_side(mode, merging_runs)
+  _check_tokens_per_block(merging_runs)
+  _check_output_and_markdown_row(merging_runs)
+
+
+def _check_side_by_side(mode, merging_runs):
+  """The plain and merged model timed side by side."""
   result, _, _, path = merging_runs[mode]
   merging = result["token_merging"]
   plain, merged = merging["plain"], merging["merged"]
@@ -201,7 +209,8 @@ def test_token_merging_times_the_plain_and_merged_model_side_by_side(mode, mergi
   assert json.loads(path.read_text())["token_merging"]["speedup"] == merging["speedup"]
 
 
-def test_token_merging_takes_out_r_tokens_per_block(merging_runs):
+def _check_tokens_per_block(merging_runs):
+  """r tokens taken out per block."""
   from vitjax.models import token_merging  # pylint: disable=import-outside-toplevel
   infer, train = (merging_runs[mode][0]["token_merging"] for mode in ("infer", "train"))
   assert infer["options"] == {"r": 2} and infer["plain"]["tokens_at_last_block"] == 1 + 16
@@ -210,7 +219,7 @@ def test_token_merging_takes_out_r_tokens_per_block(merging_runs):
   assert train["tokens_at_last_block"] == 1 + 16 - sum(token_merging.schedule_r(2, 4, "decreasing"))
 
 
-def test_token_merging_output_and_markdown_row(merging_runs):
+def _check_output_and_markdown_row(merging_runs):
   _, out, err, _ = merging_runs["infer"]
   assert "  plain:  " in out and "  merged: " in out and "token merging r=2" in out
   assert "tokens out of the last block 17 plain, 9 merged" in out

@@ -12,6 +12,8 @@ import contextlib
 import functools
 import math
 import os
+import signal
+import threading
 import time
 from typing import NamedTuple, Optional
 
@@ -407,8 +409,9 @@ def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progres
         last_eval = evaluate(step)
         bar.set_postfix(**_loss_postfix(summary), **_headline(last_eval))
       if do_save:
-        checkpointer.save(step, state, data_state(config, dataset, step))
-        saved_step = step
+        with _interrupt_after():
+          checkpointer.save(step, state, data_state(config, dataset, step))
+          saved_step = step
   except KeyboardInterrupt:
     raise TrainingInterrupted(
         f"Interrupted at step {step}; the last checkpoint is "
@@ -429,6 +432,27 @@ def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progres
     plot_path = metrics_lib.plot_metrics(writer.jsonl_path, writer.plot_path)
   return _result(last_eval, total_steps, workdir,
                  checkpointer.path(saved_step) if saved_step is not None else None, plot_path)
+
+
+@contextlib.contextmanager
+def _interrupt_after():
+  """Holds a Ctrl-C (SIGINT) that arrives inside the block and raises it at the block's end.
+
+  A KeyboardInterrupt raised inside the checkpointer's save (its threads, its locks) could
+  leave it waiting forever in `close()`, and Ctrl-C would hang instead of ending the run;
+  the save is short, so the interrupt waits for it. Only the main thread takes signals.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  received = []
+  previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+  if received:
+    raise KeyboardInterrupt
 
 
 def _result(metrics, step, workdir, checkpoint, plot):
