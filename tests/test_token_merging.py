@@ -130,7 +130,7 @@ def test_r_zero_is_bitwise_the_model_without_merging():
   params = _params(**TINY)
   images = _images()
   plain, plain_out = _apply(models.create_model("vit", **TINY), params, images)
-  for spec in (0, dict(method="evit", r=0), dict(r=(0, 0, 0, 0))):
+  for spec in (0, dict(method="tome", r=0, keep_rate=None), dict(r=(0, 0, 0, 0))):
     assert tm.parse(spec, 4) is None  # Builds the model without merging.
   for spec in (dict(r=0), None):
     logits, out = _apply(models.create_model("vit", **TINY, token_merging=spec), params, images)
@@ -272,6 +272,7 @@ def test_training_with_merging_has_gradients():
     (dict(r=2, layers=(7,)), "not block indices"),
     (dict(r=(1, 2)), "gives 2 values for 4 blocks"),
     ("r=8", "give a dict"),
+    (dict(method="evit"), "prunes nothing: give keep_rate"),
 ])
 def test_bad_specs_name_the_problem(spec, message):
   with pytest.raises(ValueError, match=message):

@@ -173,7 +173,13 @@ def parse(spec, depth):
   if proportional is not None and not isinstance(proportional, bool):
     raise ValueError(f"token_merging proportional_attention={proportional!r}: True or False.")
   parsed = TokenMerging(method, r, schedule, keep_rate, layers, proportional)
-  return parsed if any(parsed.per_layer(depth)) else None
+  if any(parsed.per_layer(depth)):
+    return parsed
+  if method != "tome":  # Asked for pruning, but nothing would be pruned: say so.
+    raise ValueError(f"token_merging method={method!r} with r=0 and no keep_rate prunes "
+                     "nothing: give keep_rate (e.g. 0.7) or r (tokens per block), or "
+                     "method='tome' with r=0 to switch reduction off.")
+  return None
 
 
 def freeze(spec):
