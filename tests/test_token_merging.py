@@ -254,12 +254,17 @@ def test_training_with_merging_has_gradients():
     model = models.create_model("vit", **options, token_merging=spec)
 
     def loss(p):
-      logits, _ = model.apply({"params": p}, _images(batch=2), train=True,
-                              rngs={"dropout": jax.random.key(0)})
-      return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
-    grads = jax.jit(jax.grad(loss))(params)
+      logits, out = model.apply({"params": p}, _images(batch=2), train=True,
+                                rngs={"dropout": jax.random.key(0)})
+      return jnp.mean(jax.nn.log_softmax(logits)[:, 0]), out
+    grads, out = jax.jit(jax.grad(loss, has_aux=True))(params)
     norms = jax.tree.leaves(jax.tree.map(lambda g: float(jnp.abs(g).sum()), grads))
     assert all(np.isfinite(norms)) and sum(norms) > 0
+    # The gradients flowed through merged tokens: r=2 in each of the 4 blocks, 8 fewer.
+    _, plain_out = _apply(models.create_model("vit", **options), params, _images(batch=2))
+    plain_tokens = plain_out["encoded"].shape[1]
+    chex.assert_shape(out["encoded"], (2, plain_tokens - 8, 64))
+    chex.assert_shape(out["token_sizes"], (2, plain_tokens - 8))
 
 
 @pytest.mark.parametrize("spec,message", [

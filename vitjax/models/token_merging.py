@@ -310,9 +310,10 @@ def _take(values, indices):
   return jnp.take_along_axis(values, indices, axis=1)
 
 
-def _scatter_rows(shape, indices, values):
-  """(B, N) int32 zeros with values (B, K) written at the distinct indices (B, K)."""
-  return jax.vmap(lambda row, i, v: row.at[i].set(v))(jnp.zeros(shape, jnp.int32), indices,
+def _scatter_rows(shape, indices, values, fill=0):
+  """(B, N) int32 `fill` with values (B, K) or (K,) written at the distinct indices (B, K)."""
+  values = jnp.broadcast_to(values, indices.shape)
+  return jax.vmap(lambda row, i, v: row.at[i].set(v))(jnp.full(shape, fill, jnp.int32), indices,
                                                       values)
 
 
@@ -361,24 +362,22 @@ def merge(x, sizes, metric, r):
   new_sizes = jnp.concatenate([_take(size_a, unmerged), new_size_b], axis=1)
 
   batch, kept_a = x.shape[0], count_a - r
-  slots_a = _scatter_rows((batch, count_a), unmerged, jnp.broadcast_to(
-      jnp.arange(kept_a, dtype=jnp.int32), unmerged.shape))
-  slots_a = jax.vmap(lambda row, i, v: row.at[i].set(v))(slots_a, src,
-                                                          (kept_a + dst).astype(jnp.int32))
+  # A's unmerged tokens keep their order; its src tokens go where their dst went. The two
+  # index sets split A, so every slot is written once.
+  kept_slots = jnp.broadcast_to(jnp.arange(kept_a, dtype=jnp.int32), unmerged.shape)
+  slots_a = _scatter_rows((batch, count_a), jnp.concatenate([unmerged, src], axis=1),
+                          jnp.concatenate([kept_slots, (kept_a + dst).astype(jnp.int32)], axis=1))
   slots_b = jnp.broadcast_to(kept_a + jnp.arange(count_b, dtype=jnp.int32), (batch, count_b))
   slots = jnp.zeros(sizes.shape, jnp.int32).at[:, ::2].set(slots_a).at[:, 1::2].set(slots_b)
   return tokens, new_sizes, slots
 
 
 def _keep_top(scores, keep):
-  """(kept, dropped) indices (B, keep), (B, N - keep) of the highest `scores`, each in order."""
-  count = scores.shape[1]
+  """(kept, is_kept): indices (B, keep) of the highest `scores`, in order, and their (B, N) mask."""
   _, top = jax.lax.top_k(scores, keep)
   kept = jnp.sort(top, axis=-1)
   is_kept = jnp.zeros(scores.shape, bool).at[jnp.arange(scores.shape[0])[:, None], kept].set(True)
-  # The dropped ones, in order: sort the positions with the kept ones pushed to the end.
-  dropped = jnp.sort(jnp.where(is_kept, count, jnp.arange(count)), axis=-1)[:, :count - keep]
-  return kept, dropped, is_kept
+  return kept, is_kept
 
 
 def fuse_inattentive(x, sizes, class_attention, keep):
@@ -389,24 +388,23 @@ def fuse_inattentive(x, sizes, class_attention, keep):
   Returns the keep + 1 tokens, their sizes and `slots` as `merge`.
   """
   attention = class_attention.astype(jnp.float32)
-  kept, _, is_kept = _keep_top(attention, keep)
+  kept, is_kept = _keep_top(attention, keep)
   weights = jnp.where(is_kept, 0.0, attention)
   fused = jnp.einsum("bn,bnc->bc", weights, x.astype(jnp.float32),
                      precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
   fused_size = jnp.sum(jnp.where(is_kept, 0.0, sizes), axis=1)
   tokens = jnp.concatenate([_take(x, kept), fused[:, None]], axis=1)
   new_sizes = jnp.concatenate([_take(sizes, kept), fused_size[:, None]], axis=1)
-  slots = jnp.full(sizes.shape, keep, jnp.int32)  # Dropped tokens went into the fused one.
-  slots = jax.vmap(lambda row, i: row.at[i].set(jnp.arange(keep, dtype=jnp.int32)))(slots, kept)
+  # Dropped tokens went into the fused one, slot `keep`.
+  slots = _scatter_rows(sizes.shape, kept, jnp.arange(keep, dtype=jnp.int32), fill=keep)
   return tokens, new_sizes, slots
 
 
 def prune_by_norm(x, sizes, keep):
   """Keeps the `keep` tokens of largest L2 norm, drops the rest (slot -1)."""
   norms = jnp.linalg.norm(x.astype(jnp.float32), axis=-1)
-  kept, _, _ = _keep_top(norms, keep)
-  slots = jnp.full(sizes.shape, -1, jnp.int32)
-  slots = jax.vmap(lambda row, i: row.at[i].set(jnp.arange(keep, dtype=jnp.int32)))(slots, kept)
+  kept, _ = _keep_top(norms, keep)
+  slots = _scatter_rows(sizes.shape, kept, jnp.arange(keep, dtype=jnp.int32), fill=-1)
   return _take(x, kept), _take(sizes, kept), slots
 
 

@@ -509,6 +509,16 @@ _MARKDOWN_COLUMNS = ("model", "mode", "batch", "dtype", "vitjax img/s", "ms/step
                      "peak memory MiB", "PyTorch", "PyTorch img/s", "vitjax / PyTorch")
 
 
+def _header_lines(r):
+  """The opening lines of a results block: the machine, library versions, date and command."""
+  return [
+      f"Throughput on {r['device']} ({r['platform']}), "
+      + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + f", {r['date']}.",
+      "",
+      f"- Command: `{r['command']}`",
+  ]
+
+
 def _setup_notes(r):
   """Markdown bullets on what else shaped the numbers: load, compiler options, threads."""
   notes = []
@@ -528,11 +538,7 @@ def markdown_lines(result):
   if result.get("token_merging"):
     return token_merging_markdown_lines(result)
   r, t = result, result.get("torch") or {}
-  header = [
-      f"Throughput on {r['device']} ({r['platform']}), "
-      + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + f", {r['date']}.",
-      "",
-      f"- Command: `{r['command']}`",
+  header = _header_lines(r) + [
       f"- Median step time of {r['steps']} steps after {r['warmup']} warm-up steps, compilation "
       "excluded; vitjax and PyTorch steps alternate (A B, B A, ...) and vitjax / PyTorch is "
       "the median of the per-round ratios of step times. FLOPs: XLA's cost analysis of the vitjax "
@@ -565,11 +571,7 @@ _TOKEN_MERGING_COLUMNS = ("model", "mode", "batch", "token merging", "plain img/
 def token_merging_markdown_lines(result):
   """`markdown_lines` of a `--token_merging` run: the plain and merged model side by side."""
   r, m = result, result["token_merging"]
-  header = [
-      f"Throughput on {r['device']} ({r['platform']}), "
-      + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + f", {r['date']}.",
-      "",
-      f"- Command: `{r['command']}`",
+  header = _header_lines(r) + [
       f"- {r['dtype']}, {r['image_size']}px; the plain and merged models share parameters. "
       f"Median step time of {r['steps']} steps after {r['warmup']} warm-up steps, compilation "
       "excluded; plain and merged steps alternate (A B, B A, ...) and the speedup is the median "
