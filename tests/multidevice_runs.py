@@ -20,7 +20,11 @@ sys.path.insert(0, ROOT)
 from vitjax import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vitjax import data as data_lib  # pylint: disable=wrong-import-position
 from vitjax import train as train_lib  # pylint: disable=wrong-import-position
-from vitjax.train import checkpoints, sharding, trainer  # pylint: disable=wrong-import-position
+from vitjax.train import checkpoints, metrics, sharding, trainer  # pylint: disable=wrong-import-position
+
+# No metrics.png: these runs check losses, parameters and checkpoints, and drawing the plot
+# took two seconds a run.
+metrics.plot_metrics = lambda jsonl_path, png_path: None
 
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
 
