@@ -108,8 +108,9 @@ def get_config(arg=None):
   config.aux_loss_weights = None
 
   # Parallelism (vitjax.train.sharding): mesh axis sizes, -1 = all remaining devices,
-  # and the rules preset mapping logical axes to them: 'dp', 'fsdp' or 'fsdp_tp'.
-  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # and the rules preset mapping logical axes to them: 'dp', 'fsdp' or 'fsdp_tp'. `expert`
+  # splits a mixture of experts' experts (configs/moe_digits.py); elsewhere it is data parallel.
+  config.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)
   config.sharding = "dp"
   config.sharding_rules = None  # An explicit ((logical, mesh_axes), ...) table instead.
   config.grad_accum_steps = 1

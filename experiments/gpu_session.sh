@@ -9,11 +9,12 @@
 #   bash experiments/gpu_session.sh sweep       # Pallas tiles vs cuDNN on three shapes
 #   bash experiments/gpu_session.sh throughput  # ViT-B/16 bf16 train + infer vs timm
 #   bash experiments/gpu_session.sh merging     # ToMe: ViT-B/16 bf16 infer, r = 8, 13, 16
+#   bash experiments/gpu_session.sh moe         # V-MoE B/16, Soft MoE S/16 vs their dense ViTs
 #
 # Each step fits one 10-minute device call; results go to $OUT (default gpu_results/),
 # ready to paste into BENCHMARKS.md with the device line printed first.
 set -uo pipefail
-step=${1:?"which step: check, attention, packed, sweep, throughput or merging"}
+step=${1:?"which step: check, attention, packed, sweep, throughput, merging or moe"}
 out=${OUT:-gpu_results}
 mkdir -p "$out"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
@@ -51,5 +52,14 @@ case "$step" in
         --mode infer --dtype bfloat16 --token_merging "r=$r" --markdown \
         --json "$out/merging_r$r.json" 2>&1 | tee "$out/merging_r$r.md"
     done ;;
-  *) echo "unknown step '$step': check, attention, packed, sweep, throughput or merging" >&2; exit 2 ;;
+  moe)
+    # Mixtures of experts beside their dense counterparts (Soft MoE's Table 8: S/16, B/16).
+    for model in vmoe_base_patch16_224_e8_every2 soft_moe_small_patch16_224_e128; do
+      for mode in train infer; do
+        python3 -m vitjax.tools.benchmark --model "$model" --batch 128 --mode "$mode" \
+          --dtype bfloat16 --markdown --json "$out/${model}_$mode.json" \
+          2>&1 | tee "$out/${model}_$mode.md"
+      done
+    done ;;
+  *) echo "unknown step '$step': check, attention, packed, sweep, throughput, merging or moe" >&2; exit 2 ;;
 esac

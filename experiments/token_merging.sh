@@ -3,17 +3,9 @@
 # 16 patches) and on the same ViT at 32 px (64 patches): off the shelf on trained
 # weights, and trained with the reduction switched on.
 #   bash experiments/token_merging.sh [WORKDIR_ROOT]   # results: experiments/token_merging.md
-# A finished run is not retrained (the trainer finds it complete), so the script can be
-# rerun after a stop.
 set -euo pipefail
 root=${1:-workdirs/token_merging}
-python=${PYTHON:-python}
-train() {
-  local start=$SECONDS
-  "$python" -m vitjax.train --config "$2" --workdir "$root/$1" --no_progress "${@:3}" \
-    > "$root/$1.log" 2>&1
-  [ -e "$root/$1.seconds" ] || echo $((SECONDS - start)) > "$root/$1.seconds"
-}
+source "$(dirname "$0")/train_runs.sh"
 tm=--config.model.token_merging
 mkdir -p "$root"
 for seed in 0 1; do

@@ -269,3 +269,76 @@ def test_a_bad_token_merging_spec_fails_before_any_device_work():
       "error: token_merging r=-1: must be an int >= 0 (tokens taken out per block) or a tuple "
       "of one per block."]
   assert not result.stdout
+
+
+# V-MoE's toy size: the 4-block ViT of width 64 at 16 pixels in 4-pixel patches (16 patches and
+# a class token), 8 experts in blocks 1 and 3, top-2 at capacity 1.05; one routing group of 8.
+TINY_MOE = ["--model", "vmoe", "--variant", "mu/4", "--image_size", "16", "--batch", "8",
+            "--steps", "2", "--warmup", "1"]
+
+
+@pytest.fixture(scope="module", name="moe_run")
+def fixture_moe_run(tmp_path_factory):
+  """(result, stdout, stderr, JSON path) of a training run of a sparse MoE, asked for PyTorch."""
+  path = tmp_path_factory.mktemp("moe") / "result.json"
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    result = benchmark.main(TINY_MOE + ["--mode", "train", "--compare", "transformers",
+                                        "--markdown", "--json", str(path)])
+  return result, out.getvalue(), err.getvalue(), path
+
+
+def test_an_moe_model_runs_beside_its_dense_counterpart(moe_run):
+  result, out, err, path = moe_run
+  mixture = result["moe"]
+  moe_side, dense = mixture["moe"], mixture["dense"]
+  assert mixture["description"] == "sparse, 8 experts, top-2, capacity 1.05"
+  assert mixture["moe_layers"] == [1, 3]
+  for figures in (moe_side, dense):
+    assert len(figures["step_times_s"]) == 2 and figures["images_per_s"] > 0
+    assert figures["images_per_s"] == pytest.approx(8 / (figures["ms_per_step"] * 1e-3))
+    assert figures["flops"] > 0
+  assert moe_side["images_per_s"] == result["images_per_s"]  # The top-level figures are the MoE's.
+  assert mixture["speed_ratio"] == pytest.approx(
+      benchmark.paired_ratio(dense["step_times_s"], moe_side["step_times_s"]))
+  # Top-2 at capacity 1.05: each expert slot runs an MLP, 2.1 times the dense MLP's tokens.
+  assert moe_side["gmacs"] > dense["gmacs"] > 0
+  assert mixture["gmacs_ratio"] == pytest.approx(moe_side["gmacs"] / dense["gmacs"])
+  # A token meets 2 of the 8 experts; the dense model uses all it has.
+  assert dense["active_params"] == dense["params"] < moe_side["active_params"] < moe_side["params"]
+  assert result["torch"] is None and result["ratio"] is None  # No PyTorch side.
+  assert err.startswith("note: --compare transformers is skipped for the mixture of experts "
+                        "'vmoe': PyTorch has no counterpart of it")
+  assert json.loads(path.read_text())["moe"]["speed_ratio"] == mixture["speed_ratio"]
+  assert "| model | mode | batch | experts | MoE img/s | dense img/s | MoE / dense |" in out
+  row = next(line for line in out.splitlines() if line.startswith("| vmoe | train | 8 |"))
+  assert row.startswith("| vmoe | train | 8 | sparse, 8 experts, top-2, capacity 1.05 |")
+  assert row.endswith(f"| {mixture['speed_ratio']:.2f}x | {moe_side['gmacs']:.3g} | "
+                      f"{dense['gmacs']:.3g} | {mixture['gmacs_ratio']:.2f}x | "
+                      f"{moe_side['params']:,} | {moe_side['active_params']:,} | "
+                      f"{dense['params']:,} |")
+
+
+def test_the_training_loss_adds_the_moe_aux_losses():
+  import jax  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from vitjax import models  # pylint: disable=import-outside-toplevel
+  model = models.create_model("vmoe", variant="mu/4", image_size=16)
+  params = models.init_params(model)
+  images = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
+  labels = jax.numpy.arange(8)
+  key = jax.random.key(1)
+  logits, out = model.apply({"params": params}, images, train=True, rngs={"dropout": key})
+  assert set(out["aux_loss"]) == {"moe_importance", "moe_load"}
+  cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  assert benchmark.training_loss(model, params, images, labels, key) == pytest.approx(
+      float(cross_entropy + out["aux_loss"]["moe_importance"] + out["aux_loss"]["moe_load"]))
+
+
+def test_token_merging_with_an_moe_model_is_one_line_and_exit_status_2(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    benchmark.check_model(benchmark.parse_args(TINY_MOE + ["--token_merging", "r=2"]))
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err == ("error: --token_merging is for a dense model: 'vmoe' is a mixture of experts, "
+                 "which the benchmark times beside its dense counterpart.\n")

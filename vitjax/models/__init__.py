@@ -9,6 +9,7 @@ families and names.
 
 from vitjax.models import mae
 from vitjax.models import mixer
+from vitjax.models import moe
 from vitjax.models import navit
 from vitjax.models import swin
 from vitjax.models import two_towers
@@ -171,3 +172,4 @@ navit.register_models(register, mean=INCEPTION_MEAN, std=INCEPTION_STD)
 two_towers.register_two_towers(register, clip_mean=CLIP_MEAN, clip_std=CLIP_STD,
                                 siglip_mean=INCEPTION_MEAN, siglip_std=INCEPTION_STD)
 mae.register_models(register)
+moe.register_models(register, register_family, mean=INCEPTION_MEAN, std=INCEPTION_STD)

@@ -18,7 +18,8 @@ Mixers are called `mixer(x, deterministic=..., token_state=...)` and return the
 mixed tokens, or `(tokens, {name: scalar})` to add auxiliary losses (an MoE's
 load-balancing loss) that reach the task's loss through `out['aux_loss']`, or
 `(tokens, losses, report)` with a dict of arrays for the block's token reducer
-(the attention's keys for ToMe, its class-token row for EViT).
+(the attention's keys for ToMe, its class-token row for EViT); a report's
+`aux_metrics` ({name: scalar}) are logged, not trained on (`out['aux_metrics']`).
 
 A block's `token_reducer` (vitjax.models.token_merging) changes the number of
 tokens between the token mixer and the channel mixer: `reducer(x, token_state,
@@ -34,6 +35,8 @@ pruning) and must then update what they carry. Keys vitjax uses:
     token_sizes     (batch, tokens): how many input tokens each token stands for (merging)
     token_index     (batch, input tokens): the token each input token went into (-1: pruned)
     aux_loss        {name: scalar} auxiliary losses, summed over the blocks
+    aux_metrics     {name: (sum, count)} metrics blocks report (an MoE's dropped tokens);
+                    `aux_metrics_means` gives the mean over the blocks that reported each
 
 Per-layer patterns: `Encoder(layers=...)` gives some layers another block, e.g.
 `every(3, global_block)` (ViTDet: global attention every third block, the default
@@ -59,6 +62,7 @@ from vitjax.models.partitioning import constrain, logical
 Dtype = Any
 Factory = Callable[..., nn.Module]
 AUX_LOSS = "aux_loss"
+AUX_METRICS = "aux_metrics"
 
 # remat_policy -> what the backward pass keeps of a block's forward pass (the rest is
 # recomputed): a jax.checkpoint_policies policy, or None for nothing but the block's input.
@@ -86,6 +90,23 @@ def add_aux_losses(token_state, losses):
   return {**token_state, AUX_LOSS: total}
 
 
+def add_aux_metrics(token_state, metrics):
+  """`token_state` with `metrics` ({name: scalar}) added: (sum, count) per name, for the mean."""
+  total = dict(token_state.get(AUX_METRICS, {}))
+  for name, value in metrics.items():
+    value = jnp.asarray(value, jnp.float32)
+    if name in total:
+      total[name] = (total[name][0] + value, total[name][1] + 1.0)
+    else:
+      total[name] = (value, jnp.ones((), jnp.float32))
+  return {**token_state, AUX_METRICS: total}
+
+
+def aux_metrics_means(token_state):
+  """{name: mean over the blocks that reported it} of the token state's aux metrics."""
+  return {name: total / count for name, (total, count) in token_state.get(AUX_METRICS, {}).items()}
+
+
 def _mix(mixer, y, token_state, deterministic):
   """Runs a mixer: (its tokens, `token_state` with any auxiliary losses added, its report)."""
   result = mixer(y, deterministic=deterministic, token_state=token_state)
@@ -93,7 +114,9 @@ def _mix(mixer, y, token_state, deterministic):
   if isinstance(result, tuple):
     result, losses, *rest = result
     token_state = add_aux_losses(token_state, losses)
-    report = rest[0] if rest else {}
+    report = dict(rest[0]) if rest else {}
+    if AUX_METRICS in report:
+      token_state = add_aux_metrics(token_state, report.pop(AUX_METRICS))
   return result, token_state, report
 
 
@@ -289,20 +312,28 @@ class Encoder(nn.Module):
     return x, token_state, out
 
   def _scan(self, module, repeats, x, token_state, deterministic, rates):
-    """`repeats` applications of `module`; auxiliary losses leave the loop as outputs."""
+    """`repeats` applications of `module`; auxiliary losses and metrics leave the loop as outputs."""
     losses = token_state.pop(AUX_LOSS, {})
+    metrics = token_state.pop(AUX_METRICS, {})
 
     def body(module, carry, rate):
       x, state = module(*carry, deterministic, rate)
       state = dict(state)
-      return (x, state), state.pop(AUX_LOSS, {})
+      return (x, state), (state.pop(AUX_LOSS, {}), state.pop(AUX_METRICS, {}))
 
     scanned = nn.scan(body, variable_axes={"params": 0},
                       split_rngs={"params": True, "dropout": True}, in_axes=0,
                       length=repeats, metadata_params={nn.PARTITION_NAME: "layers"})
-    (x, token_state), layer_losses = scanned(module, (x, token_state), rates)
+    (x, token_state), (layer_losses, layer_metrics) = scanned(module, (x, token_state), rates)
     token_state = add_aux_losses(token_state, losses)
-    return x, add_aux_losses(token_state, {k: jnp.sum(v) for k, v in layer_losses.items()})
+    token_state = add_aux_losses(token_state, {k: jnp.sum(v) for k, v in layer_losses.items()})
+    for name, (total, count) in layer_metrics.items():
+      metrics = dict(metrics)
+      previous = metrics.get(name, (0.0, 0.0))
+      metrics[name] = (previous[0] + jnp.sum(total), previous[1] + jnp.sum(count))
+    if metrics:
+      token_state[AUX_METRICS] = metrics
+    return x, token_state
 
 
 class PatchEmbedding(nn.Module):
@@ -462,6 +493,7 @@ def pool(kind, x, *, first_patch, class_last=False, token_sizes=None, map_head=N
   raise ValueError(f"Unknown pool_type {kind!r}; use one of: {', '.join(POOL_TYPES)}.")
 
 
-__all__ = ["AUX_LOSS", "Block", "Encoder", "MAPHead", "PatchEmbedding", "PatchStem",
-           "REMAT_POLICIES", "add_aux_losses", "every", "last", "layer_factories", "pool",
-           "rematted", "scan_segments", "share"]
+__all__ = ["AUX_LOSS", "AUX_METRICS", "Block", "Encoder", "MAPHead", "PatchEmbedding",
+           "PatchStem", "REMAT_POLICIES", "add_aux_losses", "add_aux_metrics",
+           "aux_metrics_means", "every", "last", "layer_factories", "pool", "rematted",
+           "scan_segments", "share"]

@@ -122,7 +122,8 @@ class VisionTransformer(nn.Module):
   `tokens` (the final patch tokens), `registers`, `pre_logits`, `logits`, and for
   distilled models `logits_cls` and `logits_dist` (logits is their average).
   `encoder` holds `pre_norm` and, unless `scan_layers`, each block's output
-  `blockNN`; `aux_loss` the blocks' auxiliary losses, if any reported one.
+  `blockNN`; `aux_loss` the blocks' auxiliary losses, if any reported one, and
+  `aux_metrics` the means of the metrics they reported (an MoE's dropped tokens).
   """
   num_classes: int = 1000  # 0: no head, logits are the pre-logits.
   image_size: int = 224  # Resolution the position embeddings are made for.
@@ -375,6 +376,8 @@ class VisionTransformer(nn.Module):
         remat_policy=self.remat_policy, name="Transformer")(x, token_state, deterministic)
     if parts.AUX_LOSS in token_state:
       out[parts.AUX_LOSS] = token_state[parts.AUX_LOSS]
+    if parts.AUX_METRICS in token_state:
+      out[parts.AUX_METRICS] = parts.aux_metrics_means(token_state)
     out["encoded"] = x
     class_last = self.class_token_position == "last" and self.num_prefix_tokens
     first_patch = self.num_prefix_tokens + self.num_registers

@@ -6,6 +6,8 @@
     python -m vitjax.tools.benchmark --model vit_small_patch16_224 --mode infer \\
         --token_merging SPEC   # SPEC: r=8 | r=16,schedule=decreasing | method=topk,r=4 |
                                #       method=evit,keep_rate=0.7 | r=8,layers=(3,6,9)
+    python -m vitjax.tools.benchmark --model vmoe_small_patch32_224_e8_every2 --mode train
+    python -m vitjax.tools.benchmark --model vmoe --variant S/32 --mode infer --markdown
 
 It times one jitted step of the vitjax model: in 'train' mode a full optimizer step
 (forward, softmax cross-entropy, backward, `optax.adamw` update, state donated), in 'infer'
@@ -27,10 +29,19 @@ literals) on the same parameters, in place of PyTorch. It prints the speed-up (m
 per-round ratios of step times), the forward GMACs per image of both and the tokens out of
 the last block.
 
+A mixture-of-experts model (`vitjax.models.moe.MoeVisionTransformer`: the `vmoe` and
+`soft_moe` families and names) is timed, in the same way, beside its dense counterpart
+(`moe.dense_counterpart`: the same ViT, an MLP where it has experts), in place of PyTorch,
+which has no counterpart of it. The train step adds the model's auxiliary losses (V-MoE's
+load balancing, `out['aux_loss']`) to the cross-entropy, as the trainer does, and passes the
+`dropout` key the router noise is drawn from. It prints the ratio of images/s (MoE / dense,
+paired by round), the forward GMACs per image of both, and their parameters: all, and those
+one token's forward pass uses (a sparse MoE's token meets k of E experts).
+
 On a CPU the vitjax step is compiled with vitjax.xla_options (as the trainer does; `--xla_defaults`
 leaves them out). Of vitjax it imports only `vitjax.models` (and `vitjax.tools.model_table`
-for `--token_merging`'s MAC count), so it runs where ml-collections, grain and
-tensorflow-datasets are not installed.
+for the MAC counts of `--token_merging` and of MoE models), so it runs where ml-collections,
+grain and tensorflow-datasets are not installed.
 """
 
 import argparse
@@ -117,42 +128,54 @@ def planned_bytes(compiled):
 # ----------------------------------------------------------------------------- vitjax side
 
 
+def training_loss(model, params, images, labels, dropout_key):
+  """Mean softmax cross-entropy plus the model's auxiliary losses, as the trainer adds them.
+
+  The auxiliary losses (`out['aux_loss']`, already weighted: a sparse MoE's load balancing)
+  are summed onto the cross-entropy; a model without them adds nothing. `dropout_key`: the
+  `dropout` rng (dropout, a sparse MoE's router noise).
+  """
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  logits, out = model.apply({"params": params}, images, train=True,
+                            rngs={"dropout": dropout_key})
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                         labels).mean()
+  aux_losses = out.get("aux_loss", {}) if isinstance(out, dict) else {}
+  return sum(aux_losses.values(), loss)
+
+
 def build_vitjax(args, dtype, images, labels, compiler_options=None, *, token_merging=None,
-                 params=None):
+                 params=None, model=None):
   """(run_step, compiled, model, compiler_options): one compiled vitjax step.
 
   `run_step()` runs a step and waits for it. Where this JAX does not know one of
   `compiler_options`, the step is compiled without them and the returned options are None.
   `token_merging`: the model's `token_merging` option. `params`: the model's parameters
   (default: freshly initialised); a train step donates them, so pass each step its own copy.
+  `model`: the model to step (default: `args.model` with the options of `args` and `dtype`),
+  e.g. an MoE model's dense counterpart.
   """
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
   from vitjax import models  # pylint: disable=import-outside-toplevel
 
-  overrides = model_overrides(args, dtype)
-  if token_merging is not None:
-    overrides["token_merging"] = token_merging
-  model = models.create_model(args.model, **overrides)
+  if model is None:
+    overrides = model_overrides(args, dtype)
+    if token_merging is not None:
+      overrides["token_merging"] = token_merging
+    model = models.create_model(args.model, **overrides)
   if params is None:
     params = models.init_params(model)
-  dropout_key = jax.random.key(1)
   optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
 
-  def forward(params, images, train):
-    logits, _ = model.apply({"params": params}, images, train=train,
-                            rngs={"dropout": dropout_key} if train else None)
+  def infer_step(params, images):
+    logits, _ = model.apply({"params": params}, images, train=False)
     return logits
 
-  def infer_step(params, images):
-    return forward(params, images, False)
-
-  def train_step(params, opt_state, images, labels):
-    def loss_fn(params):
-      logits = forward(params, images, True).astype(jnp.float32)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+  def train_step(params, opt_state, images, labels, dropout_key):
+    loss, grads = jax.value_and_grad(
+        lambda params: training_loss(model, params, images, labels, dropout_key))(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -160,7 +183,9 @@ def build_vitjax(args, dtype, images, labels, compiler_options=None, *, token_me
     state, inputs = [params], (images,)
     jit = lambda options: jax.jit(infer_step, compiler_options=options)
   else:
-    state, inputs = [params, optimizer.init(params)], (images, labels)
+    # The key is an argument, not a constant XLA could fold: the router noise is drawn in
+    # the step, as in training.
+    state, inputs = [params, optimizer.init(params)], (images, labels, jax.random.key(1))
     jit = lambda options: jax.jit(train_step, donate_argnums=(0, 1), compiler_options=options)
   step = jit(compiler_options)
   try:
@@ -183,20 +208,45 @@ def build_vitjax(args, dtype, images, labels, compiler_options=None, *, token_me
   return run_step, compiled, model, compiler_options
 
 
-def forward_figures(model, params, image_shape):
-  """{'gmacs', 'tokens_at_last_block'}: forward multiply-adds on one image of `image_shape`
-  (H, W, C), and the tokens out of the last block (`out['encoded']`). Traced only: nothing
-  runs; `params` may be shapes."""
+def forward_figures(model, params, image_shape, batch=1):
+  """{'gmacs', 'tokens_at_last_block'}: forward multiply-adds per image of `image_shape`
+  (H, W, C) in a batch of `batch` (a sparse MoE's expert capacity rounds up per routing
+  group of images), and the tokens out of the last block (`out['encoded']`). Traced only:
+  nothing runs; `params` may be shapes."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from vitjax.tools import model_table  # pylint: disable=import-outside-toplevel
 
   params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
-  images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  images = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
   forward = lambda p, x: model.apply({"params": p}, x)  # As model_table.model_row counts.
   _, out = jax.eval_shape(forward, params, images)
-  return {"gmacs": model_table.count_macs(forward, params, images) / 1e9,
+  return {"gmacs": model_table.count_macs(forward, params, images) / batch / 1e9,
           "tokens_at_last_block": out["encoded"].shape[1]}
+
+
+def cost_figures(model, image_shape, batch):
+  """{'gmacs', 'params', 'active_params'} of a model: forward GMACs per image (see
+  `forward_figures`), all its parameters and those one token's forward pass uses (fewer for
+  a sparse MoE: a token meets k of E experts). Traced only: nothing runs."""
+  from vitjax import models  # pylint: disable=import-outside-toplevel
+  from vitjax.models import moe  # pylint: disable=import-outside-toplevel
+  params = models.param_shapes(model)
+  total = models.count_params(params)
+  counts = (model.parameter_counts(params) if isinstance(model, moe.MoeVisionTransformer)
+            else {"total": total, "active": total})
+  return {"gmacs": forward_figures(model, params, image_shape, batch)["gmacs"],
+          "params": counts["total"], "active_params": counts["active"]}
+
+
+def moe_description(model, mode):
+  """The MoE options that set its cost, e.g. 'sparse, 8 experts, top-2, capacity 1.05'; the
+  capacity factor is the one `mode` ('train' or 'infer') routes with."""
+  if model.moe_type == "soft":
+    return f"soft, {model.num_experts} experts, {model.slots_per_expert} slot(s) each"
+  capacity = (model.capacity_factor if mode == "train" or model.eval_capacity_factor is None
+              else model.eval_capacity_factor)
+  return f"sparse, {model.num_experts} experts, top-{model.top_k}, capacity {capacity:g}"
 
 
 def model_overrides(args, dtype):
@@ -250,18 +300,24 @@ def parse_token_merging(text):
 
 def check_model(args):
   """Exits with status 2 and one line if create_model rejects `--model` or its options, or
-  `--token_merging`; notes what a family name without `--variant` builds.
+  `--token_merging` (also: given with an MoE model); notes what a family name without
+  `--variant` builds.
 
-  Returns the `token_merging` dict of `--token_merging`, or None without it.
+  Returns (model, token_merging): the model (in its default dtype) and the `token_merging`
+  dict of `--token_merging`, or None without it.
   """
   from vitjax import models  # pylint: disable=import-outside-toplevel
+  from vitjax.models import moe  # pylint: disable=import-outside-toplevel
   # pylint: disable-next=import-outside-toplevel
   from vitjax.models import token_merging as token_merging_lib
   overrides = model_overrides(args, None)
   del overrides["dtype"]  # Decided by the device, later; it does not change the checks.
   token_merging = None
   try:
-    models.create_model(args.model, **overrides)
+    model = models.create_model(args.model, **overrides)
+    if args.token_merging is not None and isinstance(model, moe.MoeVisionTransformer):
+      raise ValueError(f"--token_merging is for a dense model: {args.model!r} is a mixture of "
+                       "experts, which the benchmark times beside its dense counterpart.")
     if args.token_merging is not None:
       token_merging = parse_token_merging(args.token_merging)
       merged = models.create_model(args.model, **overrides, token_merging=token_merging)
@@ -280,7 +336,7 @@ def check_model(args):
     print(f"note: {models.describe_family_default(args.model, **overrides)}; pass --variant "
           f"(e.g. --variant S/16) or a full name (python -m vitjax.tools.model_table "
           f"'{args.model}_*' lists them)", file=sys.stderr, flush=True)
-  return token_merging
+  return model, token_merging
 
 
 # ---------------------------------------------------------------------------- PyTorch side
@@ -408,6 +464,20 @@ def time_steps(runners, steps, warmup):
   return times, background
 
 
+def step_figures(step_times_s, batch, compiled=None, peak=None):
+  """{'images_per_s', 'ms_per_step', 'step_times_s'} of a step, from the median of its times;
+  with its `compiled` executable also 'flops' (XLA's cost analysis), 'tflops' and 'mfu' (of
+  `peak` TFLOP/s; None where unknown)."""
+  step_s = statistics.median(step_times_s)
+  figures = {"images_per_s": batch / step_s, "ms_per_step": step_s * 1e3,
+             "step_times_s": step_times_s}
+  if compiled is not None:
+    flops = xla_flops(compiled)
+    tflops = flops / step_s / 1e12 if flops else None
+    figures.update(flops=flops, tflops=tflops, mfu=tflops / peak if tflops and peak else None)
+  return figures
+
+
 def paired_ratio(baseline_s, candidate_s):
   """Median over rounds of baseline time / candidate time: the speed-up of the candidate.
 
@@ -450,17 +520,19 @@ def summary_lines(result):
   memory = ("n/a" if r["peak_memory_bytes"] is None
             else f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB ({r['peak_memory_source']})")
   mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}% of {r['peak_tflops']:g} TFLOP/s"
-  merging = r.get("token_merging")
+  merging, mixture = r.get("token_merging"), r.get("moe")
+  # The other vitjax step of a side-by-side: its label, and the label of the benchmarked one.
+  label, other_label, other = (("plain", "merged", merging["merged"]) if merging else
+                               ("MoE", "dense", mixture["dense"]) if mixture else ("", "", None))
   lines = [
       f"vitjax {r['model']} {r['mode']}, batch {r['batch']}, {r['dtype']}, "
       f"{r['image_size']}px on {r['device']}"
       + (f" ({r['cpu_threads']} threads)" if r.get("cpu_threads") else "") + ":",
-      ("  plain:  " if merging else "  ") + _speed_text(r, mfu),
+      (f"  {label + ':':<8}" if other else "  ") + _speed_text(r, mfu),
   ]
-  if merging:
-    merged = merging["merged"]
-    mfu = "n/a" if merged["mfu"] is None else f"{100 * merged['mfu']:.1f}%"
-    lines.append("  merged: " + _speed_text({**merged, "steps": r["steps"]}, mfu))
+  if other:
+    mfu = "n/a" if other["mfu"] is None else f"{100 * other['mfu']:.1f}%"
+    lines.append(f"  {other_label + ':':<8}" + _speed_text({**other, "steps": r["steps"]}, mfu))
   lines.append(f"  peak memory {memory}")
   if r["compiler_options"]:
     lines.append("  compiled with " + _options_text(r["compiler_options"]).replace("`", ""))
@@ -473,6 +545,18 @@ def summary_lines(result):
         f"  forward GMACs per image {m['plain']['gmacs']:.3g} plain, {m['merged']['gmacs']:.3g} "
         f"merged ({m['gmacs_ratio']:.2f}x); tokens out of the last block "
         f"{m['plain']['tokens_at_last_block']} plain, {m['tokens_at_last_block']} merged",
+    ]
+  if mixture:
+    m, dense = mixture, mixture["dense"]
+    lines += [
+        f"mixture of experts ({m['description']}, in blocks "
+        f"{', '.join(map(str, m['moe_layers']))}) beside its dense counterpart (MLPs in their "
+        "place; MoE and dense steps alternate):",
+        f"  MoE / dense {m['speed_ratio']:.2f}x images/s (median of the per-round ratios of "
+        "step times, dense / MoE)",
+        f"  forward GMACs per image {m['moe']['gmacs']:.3g} MoE, {dense['gmacs']:.3g} dense "
+        f"({m['gmacs_ratio']:.2f}x); parameters {m['moe']['params']:,} MoE "
+        f"({m['moe']['active_params']:,} active per token), {dense['params']:,} dense",
     ]
   torch_result = r.get("torch")
   if torch_result and torch_result.get("error"):
@@ -534,13 +618,27 @@ def _setup_notes(r):
   return notes
 
 
+def _alternation_text(r, first, second):
+  """How the steps of a side-by-side (`first` and `second`: their names) were timed."""
+  return (f"Median step time of {r['steps']} steps after {r['warmup']} warm-up steps, "
+          f"compilation excluded; {first} and {second} steps alternate (A B, B A, ...)")
+
+
+def _table_lines(columns, cells, left_aligned):
+  """A one-row Markdown table after a blank line; `left_aligned`: the text columns."""
+  return ["", "| " + " | ".join(columns) + " |",
+          "|" + "|".join("---" if c in left_aligned else "---:" for c in columns) + "|",
+          "| " + " | ".join(cells) + " |"]
+
+
 def markdown_lines(result):
   if result.get("token_merging"):
     return token_merging_markdown_lines(result)
+  if result.get("moe"):
+    return moe_markdown_lines(result)
   r, t = result, result.get("torch") or {}
   header = _header_lines(r) + [
-      f"- Median step time of {r['steps']} steps after {r['warmup']} warm-up steps, compilation "
-      "excluded; vitjax and PyTorch steps alternate (A B, B A, ...) and vitjax / PyTorch is "
+      "- " + _alternation_text(r, "vitjax", "PyTorch") + " and vitjax / PyTorch is "
       "the median of the per-round ratios of step times. FLOPs: XLA's cost analysis of the vitjax "
       "step. Memory: " + (r["peak_memory_source"] or "n/a") + ".",
   ] + _setup_notes(r)
@@ -557,10 +655,7 @@ def markdown_lines(result):
            (t.get("implementation") or "none") if t else "none",
            _fmt(t.get("images_per_s")) if t else "-",
            f"{r['ratio']:.2f}x" if r.get("ratio") else "-"]
-  return header + ["", "| " + " | ".join(_MARKDOWN_COLUMNS) + " |",
-                   "|" + "|".join("---" if c in ("model", "mode", "dtype", "PyTorch") else "---:"
-                                  for c in _MARKDOWN_COLUMNS) + "|",
-                   "| " + " | ".join(cells) + " |"]
+  return header + _table_lines(_MARKDOWN_COLUMNS, cells, ("model", "mode", "dtype", "PyTorch"))
 
 
 _TOKEN_MERGING_COLUMNS = ("model", "mode", "batch", "token merging", "plain img/s",
@@ -573,8 +668,7 @@ def token_merging_markdown_lines(result):
   r, m = result, result["token_merging"]
   header = _header_lines(r) + [
       f"- {r['dtype']}, {r['image_size']}px; the plain and merged models share parameters. "
-      f"Median step time of {r['steps']} steps after {r['warmup']} warm-up steps, compilation "
-      "excluded; plain and merged steps alternate (A B, B A, ...) and the speedup is the median "
+      + _alternation_text(r, "plain", "merged") + " and the speedup is the median "
       "of the per-round ratios of step times (plain / merged). GMACs: forward multiply-adds per "
       "image (`vitjax.tools.model_table.count_macs`; the merging's own matmuls included). "
       "Tokens at last block: out of the last block, prefix tokens included "
@@ -584,10 +678,36 @@ def token_merging_markdown_lines(result):
            _fmt(m["plain"]["images_per_s"]), _fmt(m["merged"]["images_per_s"]),
            f"{m['speedup']:.2f}x", f"{m['plain']['gmacs']:.3g}", f"{m['merged']['gmacs']:.3g}",
            f"{m['gmacs_ratio']:.2f}x", str(m["tokens_at_last_block"])]
-  return header + ["", "| " + " | ".join(_TOKEN_MERGING_COLUMNS) + " |",
-                   "|" + "|".join("---" if c in ("model", "mode", "token merging") else "---:"
-                                  for c in _TOKEN_MERGING_COLUMNS) + "|",
-                   "| " + " | ".join(cells) + " |"]
+  return header + _table_lines(_TOKEN_MERGING_COLUMNS, cells,
+                               ("model", "mode", "token merging"))
+
+
+_MOE_COLUMNS = ("model", "mode", "batch", "experts", "MoE img/s", "dense img/s", "MoE / dense",
+                "MoE GMACs", "dense GMACs", "GMACs ratio", "MoE params", "MoE active params",
+                "dense params")
+
+
+def moe_markdown_lines(result):
+  """`markdown_lines` of an MoE model's run: the model and its dense counterpart side by side."""
+  r, m = result, result["moe"]
+  moe_side, dense = m["moe"], m["dense"]
+  header = _header_lines(r) + [
+      f"- {r['dtype']}, {r['image_size']}px; experts in blocks "
+      f"{', '.join(map(str, m['moe_layers']))}. The dense counterpart is the same ViT with an "
+      "MLP in place of each MoE layer, its parameters initialised on their own. "
+      + _alternation_text(r, "MoE", "dense") + " and MoE / dense is the median of the "
+      "per-round ratios of step times (dense / MoE)"
+      + ("; the train step adds the MoE's auxiliary losses" if r["mode"] == "train" else "")
+      + f". GMACs: forward multiply-adds per image at batch {r['batch']} "
+      "(`vitjax.tools.model_table.count_macs`; an expert runs on every slot of its capacity, "
+      "empty or not). Active params: those one token's forward pass uses.",
+  ] + _setup_notes(r)
+  cells = [r["model"], r["mode"], str(r["batch"]), m["description"],
+           _fmt(moe_side["images_per_s"]), _fmt(dense["images_per_s"]),
+           f"{m['speed_ratio']:.2f}x", f"{moe_side['gmacs']:.3g}", f"{dense['gmacs']:.3g}",
+           f"{m['gmacs_ratio']:.2f}x", f"{moe_side['params']:,}",
+           f"{moe_side['active_params']:,}", f"{dense['params']:,}"]
+  return header + _table_lines(_MOE_COLUMNS, cells, ("model", "mode", "experts"))
 
 
 # ------------------------------------------------------------------------------------ main
@@ -598,8 +718,8 @@ def parse_args(argv):
                                    description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="vit_base_patch16_224",
                       help="any name of vitjax.list_models()")
-  parser.add_argument("--variant", help="size and patch for the family names 'vit' and 'deit', "
-                      "e.g. --model vit --variant mu/16 (a toy size)")
+  parser.add_argument("--variant", help="size and patch for a family name ('vit', 'deit', "
+                      "'vmoe', 'soft_moe', ...), e.g. --model vit --variant mu/16 (a toy size)")
   parser.add_argument("--batch", type=int, help="default: 256, or 8 on a CPU")
   parser.add_argument("--mode", choices=("train", "infer"), default="train")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"),
@@ -637,11 +757,18 @@ def main(argv=None):
   """Runs the benchmark, prints the results and returns them as a dict."""
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
-  token_merging = check_model(args)  # Before any device work: a wrong name fails in seconds.
-  compare = "none" if token_merging is not None else resolve_compare(args.compare)
-  if token_merging is not None and args.compare not in ("auto", "none"):
-    print(f"note: --compare {args.compare} is skipped with --token_merging, which compares "
-          "vitjax without and with merging", file=sys.stderr, flush=True)
+  # Before any device work: a wrong name fails in seconds.
+  checked, token_merging = check_model(args)
+  from vitjax.models import moe  # pylint: disable=import-outside-toplevel
+  is_moe = isinstance(checked, moe.MoeVisionTransformer)
+  # A side-by-side of two vitjax models takes PyTorch's place.
+  paired = ("with --token_merging, which compares vitjax without and with merging"
+            if token_merging is not None else
+            f"for the mixture of experts {args.model!r}: PyTorch has no counterpart of it; it "
+            "is timed beside its dense counterpart" if is_moe else None)
+  compare = "none" if paired else resolve_compare(args.compare)
+  if paired and args.compare not in ("auto", "none"):
+    print(f"note: --compare {args.compare} is skipped {paired}", file=sys.stderr, flush=True)
   if compare != "none":
     # JAX would otherwise take 75% of the GPU's memory up front, leaving PyTorch too little.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -678,6 +805,11 @@ def main(argv=None):
         params=params)
     figures["merged"] = forward_figures(merged, params, images.shape[1:])
     runners["merged"] = run_merged
+  if is_moe:  # Each model its own parameters: they differ in the MoE layers.
+    dense = moe.dense_counterpart(model)
+    run_dense, dense_compiled, _, _ = build_vitjax(args, jnp.dtype(dtype_name), images, labels,
+                                                   options, model=dense)
+    runners["dense"] = run_dense
   torch_info = None
   if compare != "none":
     try:
@@ -695,10 +827,7 @@ def main(argv=None):
   # At least one untimed step each: the first jitted call traces, torch.compile compiles.
   times, background = time_steps(runners, args.steps, max(args.warmup, 1))
 
-  flops = xla_flops(compiled)
-  step_s = statistics.median(times["vitjax"])
   peak = args.peak_tflops or peak_tflops(device.device_kind, dtype_name)
-  tflops = flops / step_s / 1e12 if flops else None
   stats = device.memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     memory, memory_source = stats["peak_bytes_in_use"], "device peak_bytes_in_use"
@@ -712,31 +841,36 @@ def main(argv=None):
       "device": device.device_kind, "platform": platform, "num_devices_used": 1,
       "cpu_threads": cpu_threads() if on_cpu else None,
       "steps": args.steps, "warmup": max(args.warmup, 1),
-      "images_per_s": batch / step_s, "ms_per_step": step_s * 1e3,
-      "step_times_s": times["vitjax"], "flops": flops, "tflops": tflops,
-      "peak_tflops": peak, "mfu": tflops / peak if tflops and peak else None,
+      **step_figures(times["vitjax"], batch, compiled, peak), "peak_tflops": peak,
       "peak_memory_bytes": memory, "peak_memory_source": memory_source,
       "background_cpu": background, "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "compiler_options": options, "versions": _versions(compare),
       "date": datetime.date.today().isoformat(),
       "command": f"python -m vitjax.tools.benchmark {shlex.join(argv)}".rstrip(),
-      "torch": torch_info, "ratio": None, "token_merging": None,
+      "torch": torch_info, "ratio": None, "token_merging": None, "moe": None,
   }
+  flops = result["flops"]
   if merged is not None:
-    merged_s, merged_flops = statistics.median(times["merged"]), xla_flops(merged_compiled)
-    merged_tflops = merged_flops / merged_s / 1e12 if merged_flops else None
     result["token_merging"] = {
         "spec": args.token_merging, "options": token_merging,
-        "plain": {"images_per_s": batch / step_s, "ms_per_step": step_s * 1e3,
-                  "step_times_s": times["vitjax"], **figures["plain"]},
-        "merged": {"images_per_s": batch / merged_s, "ms_per_step": merged_s * 1e3,
-                   "step_times_s": times["merged"], "flops": merged_flops,
-                   "tflops": merged_tflops,
-                   "mfu": merged_tflops / peak if merged_tflops and peak else None,
+        "plain": {**step_figures(times["vitjax"], batch), **figures["plain"]},
+        "merged": {**step_figures(times["merged"], batch, merged_compiled, peak),
                    **figures["merged"]},
         "speedup": paired_ratio(times["vitjax"], times["merged"]),
         "gmacs_ratio": figures["merged"]["gmacs"] / figures["plain"]["gmacs"],
         "tokens_at_last_block": figures["merged"]["tokens_at_last_block"],
+    }
+  if is_moe:
+    costs = {name: cost_figures(m, images.shape[1:], batch)
+             for name, m in (("moe", model), ("dense", dense))}
+    result["moe"] = {
+        "description": moe_description(model, args.mode), "moe_type": model.moe_type,
+        "num_experts": model.num_experts,
+        "moe_layers": list(moe.moe_layer_indices(model.moe_layers, model.depth)),
+        "moe": {**step_figures(times["vitjax"], batch, compiled, peak), **costs["moe"]},
+        "dense": {**step_figures(times["dense"], batch, dense_compiled, peak), **costs["dense"]},
+        "speed_ratio": paired_ratio(times["dense"], times["vitjax"]),
+        "gmacs_ratio": costs["moe"]["gmacs"] / costs["dense"]["gmacs"],
     }
   if "torch" in times:
     torch_s = statistics.median(times["torch"])

@@ -2,7 +2,8 @@
 
     python -m vitjax.tools.model_table ['deit_*'] [--resolution R] [--markdown] [--no_macs]
 
-Parameters come from `jax.eval_shape` of `model.init` (nothing is allocated).
+Parameters come from `jax.eval_shape` of `model.init` (nothing is allocated); for
+sparse mixtures of experts an `active params` column gives those one token uses.
 MACs follow the papers' and timm's convention: one multiply-add of a matrix
 multiplication or convolution is one MAC; softmax, GELU, norms and additions
 are not counted. They are read off the traced forward pass (every dot_general
@@ -51,11 +52,18 @@ def _jaxpr_macs(jaxpr):
 
 
 def model_row(name, resolution=None, macs=True):
-  """{'name', 'params', 'resolution', 'gmacs', 'xla_gflops'} of a registered model."""
+  """{'name', 'params', 'active_params', 'resolution', 'gmacs', 'xla_gflops'} of a model.
+
+  `active_params`: those one token's forward pass uses; fewer than `params` for sparse
+  mixtures of experts (a token meets k of E experts), the same for every other model.
+  """
   overrides = {"image_size": resolution} if resolution else {}
   model = models.create_model(name, **overrides)
   params = models.param_shapes(model)
-  row = {"name": name, "params": models.count_params(params), "resolution": model.image_size}
+  counts = (model.parameter_counts(params) if hasattr(model, "parameter_counts")
+            else {"active": models.count_params(params)})
+  row = {"name": name, "params": models.count_params(params), "active_params": counts["active"],
+         "resolution": model.image_size}
   if macs:
     images = jax.ShapeDtypeStruct(models.dummy_input(model).shape, jnp.float32)
     # All outputs: a two-tower model's image-only forward has no logits, only `out`.
@@ -103,18 +111,24 @@ def main(argv=None):
     raise SystemExit(2)
   rows = model_rows(args.pattern, args.resolution, macs=not args.no_macs)
   macs = not args.no_macs
+  # Active parameters only when some model (a sparse MoE) uses fewer than it has.
+  active = any(r["active_params"] != r["params"] for r in rows)
   if args.markdown:
-    print("| model | params | resolution |" + (" GMACs | XLA GFLOPs |" if macs else ""))
-    print("|---|---:|---:|" + ("---:|---:|" if macs else ""))
+    print("| model | params |" + (" active params |" if active else "") + " resolution |"
+          + (" GMACs | XLA GFLOPs |" if macs else ""))
+    print("|---|---:|" + ("---:|" if active else "") + "---:|" + ("---:|---:|" if macs else ""))
     for r in rows:
       extra = f" {r['gmacs']:.2f} | {r['xla_gflops']:.2f} |" if macs else ""
-      print(f"| `{r['name']}` | {r['params']:,} | {r['resolution']} |{extra}")
+      shown = f" {r['active_params']:,} |" if active else ""
+      print(f"| `{r['name']}` | {r['params']:,} |{shown} {r['resolution']} |{extra}")
     return rows
   width = max((len(r["name"]) for r in rows), default=5)
-  print(f"{'model':<{width}}  {'params':>13}  resolution" + ("     GMACs  XLA GFLOPs" if macs else ""))
+  print(f"{'model':<{width}}  {'params':>13}" + ("  active params" if active else "")
+        + "  resolution" + ("     GMACs  XLA GFLOPs" if macs else ""))
   for r in rows:
     extra = f"  {r['gmacs']:>8.2f}  {r['xla_gflops']:>10.2f}" if macs else ""
-    print(f"{r['name']:<{width}}  {r['params']:>13,}  {r['resolution']:>10}{extra}")
+    shown = f"  {r['active_params']:>13,}" if active else ""
+    print(f"{r['name']:<{width}}  {r['params']:>13,}{shown}  {r['resolution']:>10}{extra}")
   return rows
 
 

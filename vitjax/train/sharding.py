@@ -1,10 +1,13 @@
 """Device meshes and logical-axis sharding rules: parallelism by configuration.
 
-Models name the axes of their weights (`embed`, `mlp`, `heads`, `kv`, `classes`)
-and activations (`act_batch`, `act_length`, `act_embed`, `act_mlp`, ...); a rules
-table maps those names to mesh axes. Data parallel, FSDP and FSDP + tensor
-parallel are three tables below, chosen with `config.sharding`, or replaced
-whole by `config.sharding_rules`; the mesh comes from `config.mesh`.
+Models name the axes of their weights (`embed`, `mlp`, `heads`, `kv`, `classes`,
+`expert`) and activations (`act_batch`, `act_length`, `act_embed`, `act_mlp`,
+`act_group`, `act_expert`, ...); a rules table maps those names to mesh axes. Data
+parallel, FSDP and FSDP + tensor parallel are three tables below, chosen with
+`config.sharding`, or replaced whole by `config.sharding_rules`; the mesh comes
+from `config.mesh`. Every table splits a mixture of experts' experts over the
+`expert` mesh axis (size 1 unless `config.mesh.expert` says otherwise): expert
+parallelism composes with each of them.
 """
 
 import math
@@ -15,35 +18,48 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
-STANDARD_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # Mesh axes the batch is split over.
+STANDARD_AXES = ("data", "fsdp", "tensor", "expert")
+# Mesh axes the batch is split over. `expert` is one of them: outside the MoE layers it is
+# data parallel; inside, the tokens move to the devices that hold their experts.
+BATCH_AXES = ("data", "fsdp", "expert")
+# Within an MoE layer, the groups of tokens stay split over the other data-like axes.
+GROUP_AXES = ("data", "fsdp")
 
 # Logical name -> mesh axes. A name missing from a table is replicated. Where two
 # rules name the same logical axis, flax takes the first whose mesh axis is still
 # free in that array.
 RULES = {
-    # Replicated weights, batch split over every data-like axis.
+    # Replicated weights (but the experts), batch split over every data-like axis.
     "dp": (
+        ("expert", "expert"),
         ("act_batch", BATCH_AXES),
+        ("act_group", GROUP_AXES),
+        ("act_expert", "expert"),
     ),
     # ZeRO-3 style: weights (and so optimizer state) split over `fsdp` as well.
     "fsdp": (
         # Weights.
+        ("expert", "expert"),
         ("embed", "fsdp"),
         # Only where `embed` did not take `fsdp`: the MLP and attention biases.
         ("mlp", "fsdp"),
         ("kv", "fsdp"),
         # Activations.
         ("act_batch", BATCH_AXES),
+        ("act_group", GROUP_AXES),
+        ("act_expert", "expert"),
     ),
     # FSDP over `fsdp`, Megatron-style tensor parallelism over `tensor`.
     "fsdp_tp": (
         # Weights.
+        ("expert", "expert"),
         ("embed", "fsdp"),
         ("mlp", "tensor"),
         ("heads", "tensor"),
         # Activations.
         ("act_batch", BATCH_AXES),
+        ("act_group", GROUP_AXES),
+        ("act_expert", "expert"),
         ("act_mlp", "tensor"),
         ("act_heads", "tensor"),
     ),

@@ -26,6 +26,7 @@ import numbers
 import os
 from typing import Any, Callable, NamedTuple
 
+import flax.linen as nn
 import jax
 
 from vitjax import config as config_lib
@@ -199,6 +200,7 @@ def validate(config, workdir, *, devices=None):
   check_mesh_and_batch_sizes(config, jax.devices() if devices is None else devices)
   check_init(config)
   params = check_model(config)  # Before the dataset: packing takes the model's patch size.
+  check_parameter_sharding(config, jax.devices() if devices is None else devices)
   check_dataset(config)
   check_parameter_patterns(config, params)
 
@@ -457,6 +459,36 @@ def check_model(config):
         "(name='navit', or siglip2_naflex_* / naflexvit_*), or set "
         "--config.input.packing=None.")
   return shapes
+
+
+def check_parameter_sharding(config, devices):
+  """Every parameter dimension the rules split over mesh axes is a multiple of their size.
+
+  An MoE's experts over `expert`, or `embed` over `fsdp`: 8 experts do not split 3 ways,
+  and the run would otherwise fail when the state is first placed on the devices.
+  """
+  from vitjax import models  # pylint: disable=g-import-not-at-top
+  mesh = sharding_lib.make_mesh(dict(config.get("mesh") or {"data": -1}), devices)
+  if mesh.size == 1:
+    return
+  rules = sharding_lib.logical_rules(config)
+  boxed = models.param_shapes(tasks_base.build_model(config), boxed=True)
+  is_boxed = lambda x: isinstance(x, nn.LogicallyPartitioned)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=is_boxed):
+    if not is_boxed(leaf):
+      continue
+    spec = nn.logical_to_mesh_axes(leaf.names, rules)
+    for dim, (size, name, axes) in enumerate(zip(leaf.value.shape, leaf.names, spec)):
+      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      ways = math.prod(mesh.shape[a] for a in axes)
+      if size % ways:
+        where = "/".join(str(getattr(k, "key", k)) for k in path)
+        raise ConfigError(
+            f"config.mesh {dict(mesh.shape)} splits the {name!r} axis of parameter {where} "
+            f"(size {size}, dimension {dim} of {leaf.value.shape}) {ways} ways over "
+            f"{' x '.join(axes)}, and {ways} does not divide {size}: choose "
+            f"config.mesh.{axes[-1]} among the divisors of {size} (or another "
+            "config.sharding).")
 
 
 def check_parameter_patterns(config, params):

@@ -27,7 +27,8 @@ _AUX_LOSSES = []
 
 @contextlib.contextmanager
 def collect_aux_losses():
-  """Inside the block, `Task.apply_model` appends each `out['aux_loss']` to the list yielded."""
+  """Inside the block, `Task.apply_model` appends each `(out['aux_loss'], out['aux_metrics'])`
+  to the list yielded."""
   collected = []
   _AUX_LOSSES.append(collected)
   try:
@@ -57,6 +58,17 @@ def add_aux_losses(loss, metrics, collected, weights):
     loss = loss + float(weights.get(name, 1.0)) * value
     metrics[f"aux_loss/{name}"] = value
   return loss, metrics
+
+
+def add_aux_metrics(metrics, collected):
+  """`metrics` with the models' `out['aux_metrics']` (an MoE's dropped tokens), logged as
+  `aux/NAME`: the mean over the forward passes."""
+  passes = {}
+  for aux in collected:
+    for name, value in aux.items():
+      passes.setdefault(name, []).append(jnp.asarray(value, jnp.float32))
+  return {**metrics, **{f"aux/{name}": sum(values) / len(values)
+                        for name, values in sorted(passes.items())}}
 
 
 class Task:
@@ -145,7 +157,8 @@ class Task:
       loss, metrics, task_state = self.stateful_loss(model, params, task_state, batch, rng,
                                                      constants, step)
     weights = dict(self.config.get("aux_loss_weights") or {})
-    loss, metrics = add_aux_losses(loss, metrics, collected, weights)
+    loss, metrics = add_aux_losses(loss, metrics, [losses for losses, _ in collected], weights)
+    metrics = add_aux_metrics(metrics, [aux for _, aux in collected])
     return loss, (metrics, task_state)
 
   @staticmethod
@@ -163,6 +176,7 @@ class Task:
     logits, out = model.apply({"params": params}, images, train=True,
                               rngs={"dropout": rng, "random": jax.random.fold_in(rng, 1)},
                               **kwargs)
-    if _AUX_LOSSES and isinstance(out, dict) and out.get("aux_loss"):
-      _AUX_LOSSES[-1].append(out["aux_loss"])
+    if _AUX_LOSSES and isinstance(out, dict) and (out.get("aux_loss") or
+                                                  out.get("aux_metrics")):
+      _AUX_LOSSES[-1].append((out.get("aux_loss") or {}, out.get("aux_metrics") or {}))
     return logits, out
