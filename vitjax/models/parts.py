@@ -312,7 +312,7 @@ class Encoder(nn.Module):
     return x, token_state, out
 
   def _scan(self, module, repeats, x, token_state, deterministic, rates):
-    """`repeats` applications of `module`; auxiliary losses and metrics leave the loop as outputs."""
+    """`repeats` applications of `module`; aux losses and metrics leave the loop as outputs."""
     losses = token_state.pop(AUX_LOSS, {})
     metrics = token_state.pop(AUX_METRICS, {})
 
