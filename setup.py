@@ -33,7 +33,8 @@ EXTRAS_REQUIRE = {
     # The PyTorch CPU build is the numerical oracle for weight conversion.
     # `make test` installs torch==2.13.0 first so that pip does not pull a CUDA build.
     "test": ["pytest>=8.0,<10", "pytest-xdist>=3.5,<4", "torch>=2.4,<3",
-             "transformers>=4.46,<6"],
+             "transformers>=4.46,<6",
+             "diffusers>=0.30,<0.43"],  # DiT and AutoencoderKL: the oracles of vitjax.diffusion.
 }
 
 setuptools.setup(
