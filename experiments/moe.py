@@ -4,8 +4,8 @@
 
 For each setting (dense, V-MoE top-1, V-MoE top-2, Soft MoE; runs named
 SETTING_seedN): test top-1 of the last evaluation, mean and standard deviation over
-the seeds, each seed's figure, forward MMACs per image (vitjax.tools.model_table.
-count_macs of the model in the run's config.json), total and active parameters, the
+the seeds, each seed's figure, forward MMACs per image and total and active parameters
+(vitjax.tools.benchmark.cost_figures of the model in the run's config.json), the
 fraction of token-expert assignments dropped for capacity at the last logged step, and
 the training time. Then the expert-parallel run (and the dense ViT data parallel on as
 many devices) beside the single-device run of the same seed: both accuracies, and the
@@ -18,13 +18,10 @@ import os
 import re
 import sys
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vitjax import models
-from vitjax.tools.model_table import count_macs
+from vitjax.tools import benchmark
 from vitjax.train.tasks.base import build_model
 
 SETTINGS = (("dense", "dense ViT (mu/4)"), ("vmoe_top1", "V-MoE top-1, C=1.0"),
@@ -45,14 +42,9 @@ def figures(workdir):
   """(MMACs per image, total params, active params) of the run's model."""
   with open(os.path.join(workdir, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  model = build_model(config)
-  params = models.param_shapes(model)
   size = config.input.image_size
-  images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-  macs = count_macs(lambda p, x: model.apply({"params": p}, x), params, images) / 1e6
-  counts = (model.parameter_counts(params) if hasattr(model, "parameter_counts")
-            else {"total": models.count_params(params)} | {"active": models.count_params(params)})
-  return macs, counts["total"], counts["active"]
+  costs = benchmark.cost_figures(build_model(config), (size, size, 3), batch=1)
+  return 1e3 * costs["gmacs"], costs["params"], costs["active_params"]
 
 
 def seconds(workdir):

@@ -20,6 +20,8 @@ from vitjax import models
 from vitjax.models import layers, moe
 from vitjax.tools import model_table
 
+import cli_checks
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -260,14 +262,28 @@ def test_soft_moe_matches_the_numpy_reference(num_experts, slots_per_expert):
                                             slots_per_expert), atol=2e-5)
 
 
+def own_token_gradients(apply, image):
+  """Per token t of `image` (tokens, width): max |d y_t / d x_t| of `apply` on the image."""
+  jacobian = np.asarray(jax.jacfwd(lambda tokens: apply(tokens[None])[0])(image))
+  tokens = np.arange(image.shape[0])
+  return np.abs(jacobian[tokens, :, tokens, :]).max(axis=(1, 2))
+
+
 def test_soft_moe_is_per_image_and_drops_nothing():
-  """Each image's slots mix its own tokens only: another image in the batch changes nothing."""
+  """Each image's slots mix its own tokens only: another image in the batch changes nothing.
+  And no token is dropped: every token's output changes with its own input."""
   x = jax.random.normal(jax.random.PRNGKey(1), (3, 7, 8))
   layer = moe.SoftMoE(num_experts=4, mlp_dim=16)
   params = init(layer, x)
   together = layer.apply({"params": params}, x)
   alone = layer.apply({"params": params}, x[1:2])
   chex.assert_trees_all_close(together[1:2], alone, atol=1e-6)
+  assert np.all(own_token_gradients(lambda y: layer.apply({"params": params}, y), x[1]) > 1e-3)
+  # The check sees drops: a sparse layer with 4 slots for 7 tokens leaves some unchanged.
+  sparse = moe.SparseMoE(num_experts=4, mlp_dim=16, top_k=1, capacity_factor=0.25)
+  sparse_params = init(sparse, x)
+  gradients = own_token_gradients(lambda y: sparse.apply({"params": sparse_params}, y)[0], x[1])
+  assert np.sum(gradients == 0) >= 3
 
 
 # The family, training, sizes.
@@ -416,15 +432,9 @@ def test_expert_parallel_steps_move_tokens_with_all_to_all(multidevice):
 
 
 def test_cli_bad_moe_value_exits_2_and_writes_nothing(tmp_path):
-  workdir = tmp_path / "w"
-  result = subprocess.run(
-      [sys.executable, "-m", "vitjax.train", "--config", "configs/moe_digits.py",
-       "--workdir", str(workdir), "--config.model.top_k=9"],
-      capture_output=True, text=True, cwd=ROOT, timeout=120)
-  assert result.returncode == 2, result.stderr
-  assert result.stderr.startswith("error: config.model: top_k=9: each token picks 1 to "
-                                  "num_experts=8 experts"), result.stderr
-  assert "Traceback" not in result.stderr and not workdir.exists()
+  cli_checks.assert_train_rejects(
+      "configs/moe_digits.py", "model.top_k=9", tmp_path / "w",
+      starts_with="error: config.model: top_k=9: each token picks 1 to num_experts=8 experts")
 
 
 def test_an_expert_axis_that_does_not_divide_the_experts_is_a_config_error(tmp_path):

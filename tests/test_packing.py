@@ -1,9 +1,6 @@
 """NaViT's packed input pipeline: first-fit packing, deterministic and resumable batches."""
 
 import json
-import os
-import subprocess
-import sys
 
 import chex
 import ml_collections
@@ -15,7 +12,7 @@ from vitjax import data
 from vitjax.data import packing
 from vitjax.models import navit
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import cli_checks
 
 
 def _config(**packing_options):
@@ -132,12 +129,6 @@ def test_a_navit_trains_on_packed_digits_and_logs_the_packing(tmp_path):
 
 
 def test_a_packing_option_out_of_range_exits_2(tmp_path):
-  workdir = tmp_path / "run"
-  result = subprocess.run(
-      [sys.executable, "-m", "vitjax.train", "--config", "configs/navit_digits.py",
-       "--workdir", str(workdir), "--config.input.packing.max_tokens=65"],
-      capture_output=True, text=True, cwd=ROOT, timeout=300)
-  assert result.returncode == 2, result.stderr
-  assert result.stderr.startswith("error: config.input.packing.max_tokens=65 must be in "
-                                  "[1, seq_len=64]"), result.stderr
-  assert "Traceback" not in result.stderr and not workdir.exists()
+  cli_checks.assert_train_rejects(
+      "configs/navit_digits.py", "input.packing.max_tokens=65", tmp_path / "run",
+      starts_with="error: config.input.packing.max_tokens=65 must be in [1, seq_len=64]")

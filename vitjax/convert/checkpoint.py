@@ -15,11 +15,12 @@ from flax import traverse_util
 import jax
 import numpy as np
 
-from vitjax.convert import (big_vision, clip, files, flexi, mae, mismatch, mixer, naflex,
-                            pytorch, swin)
+from vitjax.convert import (big_vision, clip, dit, files, flexi, mae, mismatch, mixer,
+                            naflex, pytorch, swin)
 from vitjax.convert.files import CheckpointError
 from vitjax.convert.mismatch import CheckpointMismatchError
 from vitjax.models import param_shapes
+from vitjax.models.dit import DiT
 from vitjax.models.navit import NaViT
 from vitjax.models.swin import SwinTransformer
 from vitjax.models.two_towers import TwoTowers
@@ -72,6 +73,8 @@ def load_weights(model, path, *, head="error", rng=0):
     raise ValueError(f"head={head!r}: use 'error' or 'reinit'.")
   if isinstance(model, SwinTransformer):  # Its own names and stages: vitjax.convert.swin.
     return swin.load_swin_weights(model, path, head=head, rng=rng)
+  if isinstance(model, DiT):  # DiT's own .pt files and diffusers' DiT: vitjax.convert.dit.
+    return dit.load_dit_weights(model, path)
   if isinstance(model, NaViT):  # SigLIP 2 NaFlex, timm NaFlexVit: vitjax.convert.naflex.
     return naflex.load_naflex_weights(model, path, head=head, rng=rng)
   if isinstance(model, TwoTowers):  # CLIP / SigLIP / LiT, or one tower: vitjax.convert.clip.

@@ -31,7 +31,11 @@ _SAFETENSORS_DTYPES = {
     "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
 }
 # Files a Hugging Face model directory holds its weights in, in order of preference.
-_DIRECTORY_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+# diffusers' model directories (save_pretrained of a DiT or an AutoencoderKL) name them apart.
+_DIRECTORY_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                    "diffusion_pytorch_model.safetensors",
+                    "diffusion_pytorch_model.safetensors.index.json",
+                    "diffusion_pytorch_model.bin")
 
 
 def find_layout(arrays, layouts, *, what, preferred=()):

@@ -22,6 +22,7 @@ EVALUATORS = {
     "zeroshot": "vitjax.evaluate.zeroshot:zeroshot",
     "retrieval": "vitjax.evaluate.retrieval:retrieval",
     "reconstruction": "vitjax.evaluate.reconstruction:reconstruction",
+    "generation": "vitjax.evaluate.generation:generation",
 }
 
 

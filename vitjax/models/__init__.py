@@ -7,12 +7,14 @@ The registry itself is `vitjax.models.registry`; this module registers vitjax's
 families and names.
 """
 
+from vitjax.models import dit
 from vitjax.models import mae
 from vitjax.models import mixer
 from vitjax.models import moe
 from vitjax.models import navit
 from vitjax.models import swin
 from vitjax.models import two_towers
+from vitjax.models import uvit
 from vitjax.models import vit
 from vitjax.models.registry import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD,
                                     INCEPTION_MEAN, INCEPTION_STD, ModelEntry,
@@ -20,7 +22,7 @@ from vitjax.models.registry import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET
                                     count_params, create_model, describe_family_default,
                                     dummy_input, families, family_default, init_params,
                                     list_models, model_entry, name_patterns, param_shapes,
-                                    register, register_family)
+                                    parameter_counts, register, register_family)
 
 register_family("vit", vit.VisionTransformer, vit.decode_variant, vit.SIZES)
 register_family("deit", vit.VisionTransformer, vit.decode_variant, vit.SIZES, distilled=True)
@@ -28,6 +30,7 @@ register_family("mixer", mixer.MlpMixer, mixer.decode_variant, mixer.SIZES)
 register_family("mae", mae.MaskedAutoencoder, vit.decode_variant, vit.SIZES)
 register_family("simmim", mae.SimMIM, vit.decode_variant, vit.SIZES)
 register_family("navit", navit.NaViT, vit.decode_variant, vit.SIZES)
+register_family("uvit", uvit.UViT, uvit.decode_variant, uvit.SIZES)
 
 
 def _register_vits():
@@ -173,3 +176,5 @@ two_towers.register_two_towers(register, clip_mean=CLIP_MEAN, clip_std=CLIP_STD,
                                 siglip_mean=INCEPTION_MEAN, siglip_std=INCEPTION_STD)
 mae.register_models(register)
 moe.register_models(register, register_family, mean=INCEPTION_MEAN, std=INCEPTION_STD)
+dit.register_models(register, register_family)
+uvit.register_models(register, mean=INCEPTION_MEAN, std=INCEPTION_STD)

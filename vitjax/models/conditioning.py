@@ -52,8 +52,8 @@ class TimestepEmbedder(nn.Module):
         self.width, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
         kernel_init=logical(nn.initializers.normal(stddev=0.02), *axes),
         bias_init=logical(nn.initializers.zeros, axes[1]))
-    x = dense("mlp_0", (None, "embed"))(x.astype(self.dtype))
-    return dense("mlp_2", ("embed", "embed"))(nn.silu(x))
+    x = dense("mlp_0", (None, "mlp"))(x.astype(self.dtype))
+    return dense("mlp_2", ("mlp", "embed"))(nn.silu(x))
 
 
 class LabelEmbedder(nn.Module):

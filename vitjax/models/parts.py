@@ -37,6 +37,8 @@ pruning) and must then update what they carry. Keys vitjax uses:
     aux_loss        {name: scalar} auxiliary losses, summed over the blocks
     aux_metrics     {name: (sum, count)} metrics blocks report (an MoE's dropped tokens);
                     `aux_metrics_means` gives the mean over the blocks that reported each
+    condition       (batch, features) conditioning vector of adaLN blocks (DiT: timestep
+                    and class embeddings summed), see `Block.modulation`
 
 Per-layer patterns: `Encoder(layers=...)` gives some layers another block, e.g.
 `every(3, global_block)` (ViTDet: global attention every third block, the default
@@ -63,6 +65,7 @@ Dtype = Any
 Factory = Callable[..., nn.Module]
 AUX_LOSS = "aux_loss"
 AUX_METRICS = "aux_metrics"
+CONDITION = "condition"
 
 # remat_policy -> what the backward pass keeps of a block's forward pass (the rest is
 # recomputed): a jax.checkpoint_policies policy, or None for nothing but the block's input.
@@ -120,6 +123,30 @@ def _mix(mixer, y, token_state, deterministic):
   return result, token_state, report
 
 
+class AdaLNModulation(nn.Module):
+  """A conditioning vector -> `num_chunks` per-channel (batch, 1, width) vectors: SiLU, Dense.
+
+  The Dense (`Dense_0`) starts at zero (DiT's adaLN-Zero): shifts and scales of 0 and
+  gates of 0, so every modulated block starts as the identity.
+  """
+  width: int
+  num_chunks: int = 6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, condition):
+    y = nn.Dense(self.num_chunks * self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=logical(nn.initializers.zeros, None, "mlp"),
+                 bias_init=logical(nn.initializers.zeros, "mlp"))(nn.silu(condition))
+    return [chunk[:, None] for chunk in jnp.split(y, self.num_chunks, axis=-1)]
+
+
+def modulate(x, shift, scale):
+  """adaLN: x * (1 + scale) + shift, per channel."""
+  return x * (1 + scale) + shift
+
+
 class Block(nn.Module):
   """Pre-norm residual block: token mixer, then channel mixer, each on its own norm.
 
@@ -129,6 +156,9 @@ class Block(nn.Module):
   their kind, the names of big_vision's block, so checkpoints load unchanged.
   `token_reducer` (merging, pruning) runs after the token mixer's residual, or at
   the end of a parallel block, and changes the number of tokens.
+  `modulation` (adaLN, DiT): a factory of a module (`AdaLNModulation`) mapping the token
+  state's `condition` to the shift, scale and gate of each branch:
+  x = x + gate * mixer(norm(x) * (1 + scale) + shift), named `adaLN_modulation`.
   `__call__(x, token_state, deterministic, drop_path)` -> `(x, token_state)`.
   """
   token_mixer: Factory
@@ -136,6 +166,7 @@ class Block(nn.Module):
   norm: Factory
   parallel: bool = False
   token_reducer: Optional[Callable] = None
+  modulation: Optional[Factory] = None
   layer_scale_init: Optional[float] = None
   dropout: float = 0.0
   drop_path: float = 0.0
@@ -155,6 +186,9 @@ class Block(nn.Module):
       return DropPath(drop_path)(branch, deterministic)
 
     token_mixer, channel_mixer = self.token_mixer(), self.channel_mixer()
+    if self.modulation is not None:
+      return self._modulated(x, token_state, deterministic, token_mixer, channel_mixer,
+                             residual)
     if self.parallel:
       y = self.norm(name="LayerNorm_0")(x)
       mixed, token_state, report = _mix(token_mixer, y, token_state, deterministic)
@@ -171,6 +205,24 @@ class Block(nn.Module):
       channels, token_state, _ = _mix(channel_mixer, self.norm(name="LayerNorm_1")(x),
                                       token_state, deterministic)
       x = x + residual(channels, 1)
+    return constrain(x, "act_batch", "act_length", "act_embed"), token_state
+
+  def _modulated(self, x, token_state, deterministic, token_mixer, channel_mixer, residual):
+    """The adaLN block: each branch's norm shifted and scaled, its output gated."""
+    if self.parallel or self.token_reducer is not None:
+      raise ValueError("An adaLN block (modulation=...) is sequential and keeps its tokens: "
+                       "use parallel=False and no token_reducer.")
+    if CONDITION not in token_state:
+      raise ValueError(f"An adaLN block (modulation=...) needs token_state[{CONDITION!r}], "
+                       "the (batch, features) conditioning vector.")
+    shift_0, scale_0, gate_0, shift_1, scale_1, gate_1 = self.modulation(
+        name="adaLN_modulation")(token_state[CONDITION])
+    y = modulate(self.norm(name="LayerNorm_0")(x), shift_0, scale_0)
+    mixed, token_state, _ = _mix(token_mixer, y, token_state, deterministic)
+    x = x + residual(gate_0 * mixed, 0)
+    y = modulate(self.norm(name="LayerNorm_1")(x), shift_1, scale_1)
+    channels, token_state, _ = _mix(channel_mixer, y, token_state, deterministic)
+    x = x + residual(gate_1 * channels, 1)
     return constrain(x, "act_batch", "act_length", "act_embed"), token_state
 
 
@@ -493,7 +545,7 @@ def pool(kind, x, *, first_patch, class_last=False, token_sizes=None, map_head=N
   raise ValueError(f"Unknown pool_type {kind!r}; use one of: {', '.join(POOL_TYPES)}.")
 
 
-__all__ = ["AUX_LOSS", "AUX_METRICS", "Block", "Encoder", "MAPHead", "PatchEmbedding",
-           "PatchStem", "REMAT_POLICIES", "add_aux_losses", "add_aux_metrics",
-           "aux_metrics_means", "every", "last", "layer_factories", "pool", "rematted",
-           "scan_segments", "share"]
+__all__ = ["AUX_LOSS", "AUX_METRICS", "AdaLNModulation", "Block", "CONDITION", "Encoder",
+           "MAPHead", "PatchEmbedding", "PatchStem", "REMAT_POLICIES", "add_aux_losses",
+           "add_aux_metrics", "aux_metrics_means", "every", "last", "layer_factories",
+           "modulate", "pool", "rematted", "scan_segments", "share"]

@@ -189,4 +189,19 @@ def param_shapes(model, *, boxed=False):
 
 
 def count_params(params):
+  """The number of parameters (array elements) in `params`, arrays or shapes."""
   return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+def parameter_counts(model, params):
+  """{'total', 'active'}: all parameters of `model` (arrays or shapes), and those one
+  token's forward pass uses.
+
+  The two differ for sparse mixtures of experts (a token meets k of E experts), which
+  say so by a `parameter_counts(params)` method; every other model uses all its
+  parameters.
+  """
+  if hasattr(model, "parameter_counts"):
+    return model.parameter_counts(params)
+  total = count_params(params)
+  return {"total": total, "active": total}

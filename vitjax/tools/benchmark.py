@@ -230,11 +230,8 @@ def cost_figures(model, image_shape, batch):
   `forward_figures`), all its parameters and those one token's forward pass uses (fewer for
   a sparse MoE: a token meets k of E experts). Traced only: nothing runs."""
   from vitjax import models  # pylint: disable=import-outside-toplevel
-  from vitjax.models import moe  # pylint: disable=import-outside-toplevel
   params = models.param_shapes(model)
-  total = models.count_params(params)
-  counts = (model.parameter_counts(params) if isinstance(model, moe.MoeVisionTransformer)
-            else {"total": total, "active": total})
+  counts = models.parameter_counts(model, params)
   return {"gmacs": forward_figures(model, params, image_shape, batch)["gmacs"],
           "params": counts["total"], "active_params": counts["active"]}
 

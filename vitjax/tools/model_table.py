@@ -60,9 +60,8 @@ def model_row(name, resolution=None, macs=True):
   overrides = {"image_size": resolution} if resolution else {}
   model = models.create_model(name, **overrides)
   params = models.param_shapes(model)
-  counts = (model.parameter_counts(params) if hasattr(model, "parameter_counts")
-            else {"active": models.count_params(params)})
-  row = {"name": name, "params": models.count_params(params), "active_params": counts["active"],
+  counts = models.parameter_counts(model, params)
+  row = {"name": name, "params": counts["total"], "active_params": counts["active"],
          "resolution": model.image_size}
   if macs:
     images = jax.ShapeDtypeStruct(models.dummy_input(model).shape, jnp.float32)

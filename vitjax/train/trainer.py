@@ -294,6 +294,14 @@ def data_state(config, dataset, step):
           "batch_size": config.batch_size, "seed": config.seed, "step": int(step)}
 
 
+def _output_paths(options, **fields):
+  """Evaluator options with `{workdir}`, `{step}` and `{weights}` ('eval' or 'eval_ema')
+  filled in where a `*_path` option names them: a file per evaluation, e.g.
+  png_path='{workdir}/samples_{weights}_{step}.png'."""
+  return {key: value.format(**fields) if key.endswith("_path") and isinstance(value, str)
+          else value for key, value in options.items()}
+
+
 def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progress, is_main):
   """The loop proper, inside the mesh and sharding-rules context."""
   rng = jax.random.PRNGKey(config.seed)
@@ -365,7 +373,8 @@ def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progres
         metrics = evaluate_lib.run_evaluator(
             name, model, params, dataset,
             batch_size=config.get("eval_batch_size", config.batch_size),
-            batch_sharding=batch_sharding, **options)
+            batch_sharding=batch_sharding,
+            **_output_paths(options, workdir=workdir, step=step, weights=prefix))
         result.update({f"{prefix}/{k}": v for k, v in metrics.items()})
     if result:
       writer.write(step, result)

@@ -311,10 +311,14 @@ def check_mesh_and_batch_sizes(config, devices):
     # The fix: a fixed axis that does not fit to 1 beside a -1, else the first axis to -1.
     axis = next((a for a, s in mesh_config.items() if s not in (1, -1)), next(iter(mesh_config)))
     fix = f"{axis}=1" if -1 in sizes else f"{axis}=-1"
+    # On a CPU the device count is a flag, which a user testing a mesh may not know of.
+    cpu_hint = (f" Or run on N CPU devices, N a multiple of {fixed}: "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count=N (set before JAX starts)."
+                if devices and devices[0].platform == "cpu" else "")
     raise ConfigError(
         f"config.mesh={mesh_config} does not divide the {len(devices)} devices: the axis "
         f"sizes must multiply to a divisor of {len(devices)} (-1 takes all the devices the "
-        f"other axes leave). E.g. --config.mesh.{fix}.")
+        f"other axes leave). E.g. --config.mesh.{fix}.{cpu_hint}")
   try:
     mesh = sharding_lib.make_mesh(mesh_config, devices)
   except ValueError as e:

@@ -9,6 +9,7 @@ logging are shared by all of them. `config.task` picks one by name:
     mae          masked autoencoder pre-training
     simmim       SimMIM masked image modelling
     contrastive  two towers, CLIP (softmax) or SigLIP (sigmoid) loss; LiT by freezing
+    diffusion    DDPM / Improved DDPM or flow matching of a DiT or U-ViT
 
 Task modules are imported when first named, so a task's extra dependencies cost
 nothing to the others.
@@ -24,6 +25,7 @@ TASKS = {
     "mae": "vitjax.train.tasks.masked:MaskedAutoencoder",
     "simmim": "vitjax.train.tasks.masked:SimMIM",
     "contrastive": "vitjax.train.tasks.contrastive:Contrastive",
+    "diffusion": "vitjax.train.tasks.diffusion:Diffusion",
 }
 
 
