@@ -8,7 +8,7 @@ the run's EMA weights: the Fréchet distance of the classifier's pre-logits feat
 against the 360 test images (`fd`), and the fraction the classifier labels as the
 digit asked for (`acc`). The first row is the floor: the training images against the
 test images (what FD two real samples of the digits have). Prints a Markdown table;
-`--grids DIR` writes a grid (a row per digit) for each setting.
+`--grids DIR` writes a grid (a row per digit, 8 samples each) for each setting.
 """
 
 import argparse

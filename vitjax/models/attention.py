@@ -23,6 +23,7 @@ class MultiHeadDotProductAttention(nn.Module):
   out_features: Optional[int] = None  # Defaults to the input width.
   dropout: float = 0.0  # On the attention weights; only the 'xla' implementation has them.
   use_bias: bool = True
+  out_use_bias: Optional[bool] = None  # The output projection's bias; None: `use_bias`.
   qk_norm: bool = False  # ViT-22B: LayerNorm over head_dim on queries and keys.
   rope: Optional[str] = None  # Rotary embeddings of q and k: 'axial', 'mixed' (2-D) or '1d'.
   rope_theta: float = 100.0
@@ -93,7 +94,8 @@ class MultiHeadDotProductAttention(nn.Module):
       x = ops.dot_product_attention(q, k, v, bias=bias, mask=mask, causal=causal,
                                     segment_ids=segment_ids,
                                     implementation=self.attention_impl)
-    out = OutProjection(self.out_features or inputs_q.shape[-1], use_bias=self.use_bias,
+    out_use_bias = self.use_bias if self.out_use_bias is None else self.out_use_bias
+    out = OutProjection(self.out_features or inputs_q.shape[-1], use_bias=out_use_bias,
                         dtype=self.dtype, param_dtype=self.param_dtype, name="out")(x)
     if not self.report:
       return out

@@ -97,10 +97,7 @@ class UViT(nn.Module):
   mlp_time_embed: bool = False  # The time token through Dense(4 * width), SiLU, Dense(width).
   conv: bool = True  # The final 3x3 convolution.
   learn_sigma: bool = False  # Also predict the variance: out_channels = 2 * in_channels (DiT).
-  # Biases of the query/key/value projections; U-ViT has none. vitjax's attention has one
-  # switch for them and the output projection's, which U-ViT keeps: False drops it too
-  # (`width` parameters a block, 33k of U-ViT-H's 501M).
-  qkv_bias: bool = False
+  qkv_bias: bool = False  # Biases of the query/key/value projections; U-ViT has none.
   layer_norm_eps: float = 1e-5  # PyTorch's nn.LayerNorm, as in the authors' code.
   attention_impl: Optional[str] = None  # See vitjax.ops.dot_product_attention.
   remat_policy: str = "none"  # Recompute block activations: see parts.REMAT_POLICIES.
@@ -138,6 +135,8 @@ class UViT(nn.Module):
         num_heads=self.num_heads, mlp_dim=self.mlp_dim, use_bias=self.qkv_bias,
         mlp_use_bias=True, attention_impl=self.attention_impl, dtype=self.dtype,
         param_dtype=self.param_dtype, parent=None).builtin_mixers()
+    # The output projection keeps its bias whatever `qkv_bias` (U-ViT's attention).
+    mixers["token_mixer"] = functools.partial(mixers["token_mixer"], out_use_bias=True)
     norm = functools.partial(layer_norm, epsilon=self.layer_norm_eps, dtype=self.dtype,
                              param_dtype=self.param_dtype)
     block = functools.partial(parts.Block, norm=norm, param_dtype=self.param_dtype, **mixers)
