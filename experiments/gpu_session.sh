@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What vitjax measures on a GPU, for a session that has one (the `device` tool's
 # machines: JAX, PyTorch, timm and Triton installed; no ml-collections, grain or tfds,
-# none of which these steps import). Run from the repository root:
+# none of which these steps import; `dit` also needs diffusers, which it checks first). Run from the repository root:
 #
 #   bash experiments/gpu_session.sh check       # kernels vs 'xla' on the GPU (~5 min)
 #   bash experiments/gpu_session.sh attention   # bench_attention, ViT and long shapes
@@ -10,11 +10,12 @@
 #   bash experiments/gpu_session.sh throughput  # ViT-B/16 bf16 train + infer vs timm
 #   bash experiments/gpu_session.sh merging     # ToMe: ViT-B/16 bf16 infer, r = 8, 13, 16
 #   bash experiments/gpu_session.sh moe         # V-MoE B/16, Soft MoE S/16 vs their dense ViTs
+#   bash experiments/gpu_session.sh dit         # DiT-XL/2 bf16 train + infer vs diffusers
 #
 # Each step fits one 10-minute device call; results go to $OUT (default gpu_results/),
 # ready to paste into BENCHMARKS.md with the device line printed first.
 set -uo pipefail
-step=${1:?"which step: check, attention, packed, sweep, throughput, merging or moe"}
+step=${1:?"which step: check, attention, packed, sweep, throughput, merging, moe or dit"}
 out=${OUT:-gpu_results}
 mkdir -p "$out"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
@@ -61,5 +62,16 @@ case "$step" in
           2>&1 | tee "$out/${model}_$mode.md"
       done
     done ;;
-  *) echo "unknown step '$step': check, attention, packed, sweep, throughput, merging or moe" >&2; exit 2 ;;
+  dit)
+    # DiT-XL/2 on 32x32x4 latents (256-pixel images) beside diffusers' DiTTransformer2DModel
+    # holding the same weights (torch.compile, bf16 autocast); batch 32, DiT's per-GPU batch
+    # (256 over 8 GPUs). The train step is the simple diffusion loss (MSE against the noise).
+    python3 -c "import diffusers; print('diffusers', diffusers.__version__)" \
+      || { echo "dit needs diffusers (pip install diffusers==0.42.1)" >&2; exit 1; }
+    for mode in train infer; do
+      python3 -m vitjax.tools.benchmark --model dit_xlarge_patch2_256 --batch 32 \
+        --mode "$mode" --dtype bfloat16 --compare diffusers --markdown \
+        --json "$out/dit_xl2_$mode.json" 2>&1 | tee "$out/dit_xl2_$mode.md"
+    done ;;
+  *) echo "unknown step '$step': check, attention, packed, sweep, throughput, merging, moe or dit" >&2; exit 2 ;;
 esac

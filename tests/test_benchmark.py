@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from vitjax.tools import benchmark
@@ -127,7 +128,7 @@ def test_a_pytorch_side_that_fails_on_its_first_step_leaves_the_vitjax_figures(m
   def failing_step():
     raise RuntimeError("torch.compile: backend compiler failed")
 
-  monkeypatch.setattr(benchmark, "resolve_compare", lambda compare: "timm")
+  monkeypatch.setattr(benchmark, "resolve_compare", lambda compare, model=None: "timm")
   monkeypatch.setattr(benchmark, "build_torch",
                       lambda *args: (failing_step, {"implementation": "timm"}))
   out = io.StringIO()
@@ -342,3 +343,130 @@ def test_token_merging_with_an_moe_model_is_one_line_and_exit_status_2(capsys):
   err = capsys.readouterr().err
   assert err == ("error: --token_merging is for a dense model: 'vmoe' is a mixture of experts, "
                  "which the benchmark times beside its dense counterpart.\n")
+
+
+# A toy DiT: one block of width 32 (2 heads, MLP 4 x width) on 8x8x4 latents in 2-pixel patches
+# (16 tokens), 10 classes and a learned sigma (8 output channels).
+TINY_DIT = ["--model", "dit", "--variant", "S/2", "--image_size", "8", "--model_options",
+            "width=32,depth=1,num_heads=2,mlp_dim=128,num_classes=10", "--batch", "2",
+            "--steps", "2", "--warmup", "1"]
+
+
+@pytest.fixture(scope="module", name="dit_runs")
+def fixture_dit_runs():
+  """mode -> (result, stdout, stderr): the toy DiT beside diffusers' DiT, asked for by name
+  (infer) and picked by --compare auto (train)."""
+  runs = {}
+  for mode, extra in (("infer", ["--compare", "diffusers"]), ("train", ["--markdown"])):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      result = benchmark.main(TINY_DIT + ["--mode", mode] + extra)
+    runs[mode] = result, out.getvalue(), err.getvalue()
+  return runs
+
+
+def test_a_dit_runs_beside_diffusers_on_the_same_weights(dit_runs):
+  """One test over both runs: under xdist, each test of its own would redo the fixture."""
+  for mode in ("infer", "train"):
+    result, out, err = dit_runs[mode]
+    torch_result = result["torch"]
+    assert not torch_result.get("error"), torch_result.get("error")
+    assert torch_result["implementation"] == "diffusers"
+    assert torch_result["module"] == "DiTTransformer2DModel"
+    # The same function: predictions agree, and are not the zeros of an adaLN-Zero init.
+    assert torch_result["max_abs_difference"] <= benchmark.AGREEMENT_TOLERANCE
+    assert torch_result["max_abs_prediction"] > 0.05
+    assert len(torch_result["step_times_s"]) == 2 and result["ratio"] > 0
+    assert result["ratio"] == pytest.approx(
+        benchmark.paired_ratio(torch_result["step_times_s"], result["step_times_s"]))
+    assert result["diffusion"] == {
+        "in_channels": 4, "out_channels": 8, "num_classes": 10, "num_timesteps": 1000,
+        "loss": benchmark.DIFFUSION_LOSS.format(channels=4) if mode == "train" else None}
+    assert result["image_size"] == 8 and result["flops"] > 0
+    assert "diffusers" in result["versions"]
+    assert not err
+  _, out, _ = dit_runs["infer"]
+  assert "vitjax / PyTorch: " in out and "PyTorch diffusers DiTTransformer2DModel (eager" in out
+  assert "timesteps in [0, 1000), labels in [0, 10)" in out and "train step" not in out
+  result, out, _ = dit_runs["train"]
+  assert ("train step: the simple diffusion loss: MSE of the first 4 output channels against "
+          "the noise, AdamW, the same on both sides") in out
+  assert any(line.startswith("| dit | train | 2 | float32 |")
+             and line.endswith(f"| diffusers | {benchmark._fmt(result['torch']['images_per_s'])} "
+                               f"| {result['ratio']:.2f}x |") for line in out.splitlines())
+  assert 2.5 < result["flops"] / dit_runs["infer"][0]["flops"] < 5  # Forward + backward + AdamW.
+
+
+def test_the_diffusion_loss_is_the_mse_of_the_first_channels_against_the_noise():
+  class Model:  # Predicts 2 x_t for the noise and 100 for the variance channels.
+    def apply(self, variables, x, timesteps, labels, train, rngs):
+      assert train and set(rngs) == {"dropout"} and labels.shape == timesteps.shape == (2,)
+      return np.concatenate([variables["params"] * x, np.full_like(x, 100)], -1), {}
+
+  x = np.arange(2 * 4 * 4 * 3, dtype=np.float32).reshape(2, 4, 4, 3) / 10
+  noise = np.ones_like(x)
+  inputs = {"images": x, "timesteps": np.array([1, 999]), "labels": np.array([0, 1]),
+            "noise": noise}
+  loss = benchmark.diffusion_loss(Model(), 2.0, inputs, dropout_key=None)
+  assert float(loss) == pytest.approx(float(np.mean((2 * x - noise) ** 2)), rel=1e-6)
+
+
+def test_diffusers_refuses_weights_that_compute_another_function():
+  """The agreement check fails loudly: a diffusers DiT with one weight changed."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from vitjax import models  # pylint: disable=import-outside-toplevel
+  args = benchmark.parse_args(TINY_DIT)
+  model = models.create_model("dit", **benchmark.model_overrides(args, None)).clone(
+      freq_shift=1.0)
+  params = benchmark.random_weights(model)
+  module, forward = benchmark.torch_model("diffusers", model, args, params)
+  inputs = benchmark.step_inputs(model, 2, diffusion=True)
+  tensors = {name: torch.from_numpy(np.array(value)) for name, value in inputs.items()}
+  tensors = {name: t.permute(0, 3, 1, 2) if t.ndim == 4 else t.long()
+             for name, t in tensors.items()}
+  with torch.no_grad():
+    module.proj_out_2.bias.add_(0.01)
+  with pytest.raises(ValueError, match="do not compute the same function"):
+    benchmark.check_agreement(model, params, module, forward, inputs, tensors)
+
+
+def test_a_uvit_is_timed_alone_with_a_note():
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    result = benchmark.main(["--model", "uvit", "--variant", "mu/2", "--image_size", "8",
+                             "--model_options", "depth=1", "--batch", "2", "--steps", "1",
+                             "--warmup", "1", "--mode", "infer"])
+  assert result["images_per_s"] > 0 and result["torch"] is None and result["ratio"] is None
+  note = "no PyTorch implementation of UViT ('uvit') is installed; vitjax is timed alone"
+  assert result["torch_not_timed"] == note
+  assert err.getvalue() == f"note: PyTorch is not timed: {note}\n"
+  assert f"PyTorch: not timed: {note}" in out.getvalue() and "unconditional" in out.getvalue()
+
+
+def test_auto_compares_a_dit_with_diffusers():
+  from vitjax import models  # pylint: disable=import-outside-toplevel
+  assert benchmark.resolve_compare("auto", models.create_model("dit_small_patch2_256")) == (
+      "diffusers")
+  assert benchmark.resolve_compare("auto", models.create_model("vit_tiny_patch16_224")) in (
+      "timm", "transformers")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "dit_small_patch2_256", "--compare", "transformers"],
+     "--compare transformers has no diffusion transformer: the DiT 'dit_small_patch2_256' is "
+     "compared with --compare diffusers (the default) or none."),
+    (["--model", "vit_tiny_patch16_224", "--compare", "diffusers"],
+     "--compare diffusers is for a DiT; compare 'vit_tiny_patch16_224' with --compare auto, "
+     "timm, transformers or none."),
+    (["--model", "dit", "--variant", "S/2", "--model_options", "width"],
+     "--model_options 'width': 'width' is not key=value; give e.g. width=32,depth=1,num_heads=2."),
+    (["--model", "dit", "--variant", "S/2", "--model_options", "widht=32"],
+     "Unknown option(s) for model 'dit': 'widht' (did you mean 'width'"),
+])
+def test_a_compare_without_the_model_or_a_bad_option_is_one_line_and_exit_status_2(
+    argv, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    benchmark.check_model(benchmark.parse_args(argv))
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and message in err and err.count("\n") == 1

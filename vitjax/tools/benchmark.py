@@ -1,13 +1,16 @@
 """Training and inference throughput of a vitjax model, side by side with PyTorch.
 
     python -m vitjax.tools.benchmark --model vit_base_patch16_224 --batch 256 \\
-        --mode train --dtype bfloat16 [--compare auto|none|timm|transformers] \\
+        --mode train --dtype bfloat16 [--compare auto|none|timm|transformers|diffusers] \\
         [--steps 20] [--warmup 3] [--markdown] [--json results.json]
     python -m vitjax.tools.benchmark --model vit_small_patch16_224 --mode infer \\
         --token_merging SPEC   # SPEC: r=8 | r=16,schedule=decreasing | method=topk,r=4 |
                                #       method=evit,keep_rate=0.7 | r=8,layers=(3,6,9)
     python -m vitjax.tools.benchmark --model vmoe_small_patch32_224_e8_every2 --mode train
     python -m vitjax.tools.benchmark --model vmoe --variant S/32 --mode infer --markdown
+    python -m vitjax.tools.benchmark --model dit_small_patch2_256 --mode train  # vs diffusers
+    python -m vitjax.tools.benchmark --model dit --variant S/2 --image_size 8 \\
+        --model_options width=32,depth=1,num_heads=2,num_classes=10   # a toy DiT
 
 It times one jitted step of the vitjax model: in 'train' mode a full optimizer step
 (forward, softmax cross-entropy, backward, `optax.adamw` update, state donated), in 'infer'
@@ -37,6 +40,19 @@ load balancing, `out['aux_loss']`) to the cross-entropy, as the trainer does, an
 `dropout` key the router noise is drawn from. It prints the ratio of images/s (MoE / dense,
 paired by round), the forward GMACs per image of both, and their parameters: all, and those
 one token's forward pass uses (a sparse MoE's token meets k of E experts).
+
+A diffusion model (DiT, `vitjax.models.dit`; U-ViT, `vitjax.models.uvit`) is stepped on
+(x_t, timesteps, labels): random latents or images of its shape (image_size, in_channels),
+random DDPM timesteps in [0, 1000) and class labels. Its train step takes the simple
+diffusion loss, the mean squared error of the prediction's first C channels (the noise; a
+learned variance's C more are left out) against the noise, with the same AdamW update. A
+DiT is compared with diffusers' `DiTTransformer2DModel(**vitjax.convert.dit.diffusers_config
+(model))` holding vitjax's weights (`to_diffusers`), so that both compute the same function:
+their predictions are checked to agree within 1e-3 before timing (the vitjax DiT takes
+diffusers' timestep frequencies, `freq_shift=1`, which costs the same). A diffusion model's
+weights are all drawn from N(0, 0.02^2) (`random_weights`): its initialisation has zero
+adaLN-Zero gates and output layer, and agreement on zeros would say nothing.
+U-ViT has no PyTorch implementation installed: it is timed alone, with a note.
 
 On a CPU the vitjax step is compiled with vitjax.xla_options (as the trainer does; `--xla_defaults`
 leaves them out). Of vitjax it imports only `vitjax.models` (and `vitjax.tools.model_table`
@@ -83,6 +99,12 @@ PEAK_TFLOPS = (
 
 # Both optimizers: AdamW with the same hyperparameters (the values do not change the speed).
 LEARNING_RATE, WEIGHT_DECAY = 1e-3, 0.05
+# DDPM's timesteps: a diffusion model's inputs are drawn from [0, NUM_TIMESTEPS).
+NUM_TIMESTEPS = 1000
+DIFFUSION_LOSS = ("the simple diffusion loss: MSE of the first {channels} output channels "
+                  "against the noise")
+# The largest |vitjax - diffusers| difference of the predictions, in float32, before timing.
+AGREEMENT_TOLERANCE = 1e-3
 # More than this share of the machine's CPU time used by other processes while timing is
 # reported: the numbers are then likely low.
 _BACKGROUND_WARNING = 0.05
@@ -128,6 +150,61 @@ def planned_bytes(compiled):
 # ----------------------------------------------------------------------------- vitjax side
 
 
+def is_diffusion(model):
+  """A diffusion model (DiT, U-ViT): `model.apply(variables, x_t, timesteps, labels)` returns
+  a prediction of x_t's shape. Told by `learn_sigma`, as vitjax.train.tasks.diffusion does."""
+  return hasattr(model, "learn_sigma") and hasattr(model, "in_channels")
+
+
+def is_dit(model):
+  """A DiT (`vitjax.models.dit.DiT`): diffusers' `DiTTransformer2DModel` is its counterpart."""
+  from vitjax.models import dit  # pylint: disable=import-outside-toplevel
+  return isinstance(model, dit.DiT)
+
+
+def step_inputs(model, batch, diffusion):
+  """The random inputs of a step, put on the device once: {'images', 'labels'}, images
+  (batch, image_size, image_size, in_channels) and class labels; for a diffusion model the
+  images are the noisy x_t, and 'timesteps' (in [0, NUM_TIMESTEPS)) and 'noise' (the train
+  step's target, x_t's shape) are added. Drawn with numpy: nothing to compile."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  shape = (batch, model.image_size, model.image_size, model.in_channels)
+  inputs = {"images": rng.standard_normal(shape, np.float32)}
+  if not diffusion:
+    inputs["labels"] = rng.integers(0, model.num_classes or 1000, batch, np.int32)
+  else:  # An unconditional model (num_classes=0) ignores its labels.
+    inputs["labels"] = rng.integers(0, max(model.num_classes, 1), batch, np.int32)
+    inputs["timesteps"] = rng.integers(0, NUM_TIMESTEPS, batch, np.int32)
+    inputs["noise"] = rng.standard_normal(shape, np.float32)
+  return jax.device_put(inputs)
+
+
+def random_weights(model, seed=0, stddev=0.02):
+  """Parameters of `model`, every one drawn from N(0, stddev^2) with numpy (nothing to
+  compile). Not its initialisation: at init a DiT's adaLN-Zero gates and output layer are
+  zeros, it predicts zeros, and two implementations agreeing on zeros would say nothing."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from vitjax import models  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda p: jax.device_put((stddev * rng.standard_normal(p.shape, np.float32))
+                               .astype(p.dtype)), models.param_shapes(model))
+
+
+def diffusion_loss(model, params, inputs, dropout_key):
+  """The simple diffusion loss (DDPM's L_simple): the mean squared error of the prediction's
+  first C channels (the noise; with `learn_sigma`, C more are the variance's) against the
+  noise. The `dropout` rng drops labels to the null class, as in training."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  prediction, _ = model.apply({"params": params}, inputs["images"], inputs["timesteps"],
+                              inputs["labels"], train=True, rngs={"dropout": dropout_key})
+  noise = inputs["noise"]
+  return jnp.mean(jnp.square(prediction[..., :noise.shape[-1]].astype(jnp.float32) - noise))
+
+
 def training_loss(model, params, images, labels, dropout_key):
   """Mean softmax cross-entropy plus the model's auxiliary losses, as the trainer adds them.
 
@@ -145,12 +222,13 @@ def training_loss(model, params, images, labels, dropout_key):
   return sum(aux_losses.values(), loss)
 
 
-def build_vitjax(args, dtype, images, labels, compiler_options=None, *, token_merging=None,
+def build_vitjax(args, dtype, inputs, compiler_options=None, *, token_merging=None,
                  params=None, model=None):
   """(run_step, compiled, model, compiler_options): one compiled vitjax step.
 
-  `run_step()` runs a step and waits for it. Where this JAX does not know one of
-  `compiler_options`, the step is compiled without them and the returned options are None.
+  `inputs`: `step_inputs`' dict. `run_step()` runs a step and waits for it. Where this JAX
+  does not know one of `compiler_options`, the step is compiled without them and the
+  returned options are None.
   `token_merging`: the model's `token_merging` option. `params`: the model's parameters
   (default: freshly initialised); a train step donates them, so pass each step its own copy.
   `model`: the model to step (default: `args.model` with the options of `args` and `dtype`),
@@ -168,24 +246,35 @@ def build_vitjax(args, dtype, images, labels, compiler_options=None, *, token_me
   if params is None:
     params = models.init_params(model)
   optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+  diffusion = is_diffusion(model)
 
-  def infer_step(params, images):
-    logits, _ = model.apply({"params": params}, images, train=False)
+  def infer_step(params, inputs):
+    if diffusion:
+      prediction, _ = model.apply({"params": params}, inputs["images"], inputs["timesteps"],
+                                  inputs["labels"])
+      return prediction
+    logits, _ = model.apply({"params": params}, inputs["images"], train=False)
     return logits
 
-  def train_step(params, opt_state, images, labels, dropout_key):
-    loss, grads = jax.value_and_grad(
-        lambda params: training_loss(model, params, images, labels, dropout_key))(params)
+  def loss_fn(params, inputs, dropout_key):
+    if diffusion:
+      return diffusion_loss(model, params, inputs, dropout_key)
+    return training_loss(model, params, inputs["images"], inputs["labels"], dropout_key)
+
+  def train_step(params, opt_state, inputs, dropout_key):
+    loss, grads = jax.value_and_grad(loss_fn)(params, inputs, dropout_key)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   if args.mode == "infer":
-    state, inputs = [params], (images,)
+    # What the forward pass reads (the noise is the train step's target).
+    needed = ("images", "timesteps", "labels") if diffusion else ("images",)
+    state, inputs = [params], ({name: inputs[name] for name in needed},)
     jit = lambda options: jax.jit(infer_step, compiler_options=options)
   else:
-    # The key is an argument, not a constant XLA could fold: the router noise is drawn in
-    # the step, as in training.
-    state, inputs = [params, optimizer.init(params)], (images, labels, jax.random.key(1))
+    # The key is an argument, not a constant XLA could fold: the router noise (and a
+    # diffusion model's label dropout) is drawn in the step, as in training.
+    state, inputs = [params, optimizer.init(params)], (inputs, jax.random.key(1))
     jit = lambda options: jax.jit(train_step, donate_argnums=(0, 1), compiler_options=options)
   step = jit(compiler_options)
   try:
@@ -254,17 +343,27 @@ def model_overrides(args, dtype):
     overrides["attention_impl"] = args.attention_impl
   if args.image_size:
     overrides["image_size"] = args.image_size
+  if args.model_options:  # Checked by create_model: an unknown option names the valid ones.
+    overrides.update(parse_key_values(args.model_options, "--model_options",
+                                      "width=32,depth=1,num_heads=2"))
   return overrides
 
 
 def parse_token_merging(text):
   """The `token_merging` dict of a `--token_merging` value such as 'r=8',
-  'method=evit,keep_rate=0.7' or 'r=8,layers=(3,6,9)'.
+  'method=evit,keep_rate=0.7' or 'r=8,layers=(3,6,9)'; the keys and values themselves are
+  checked by vitjax.models.token_merging.parse."""
+  return parse_key_values(text, "--token_merging",
+                          "r=8, r=16,schedule=decreasing or method=evit,keep_rate=0.7")
+
+
+def parse_key_values(text, flag, example):
+  """The dict of a `flag` value of key=value pairs, e.g. 'r=8,layers=(3,6,9)'.
 
   Items are split at the commas outside brackets; a value is the Python literal it spells
-  (8, 0.7, (3, 6, 9), True), else the string ('evit'). Raises ValueError for an item that
-  is not key=value, a repeated key or unbalanced brackets; the keys and values themselves
-  are checked by vitjax.models.token_merging.parse.
+  (8, 0.7, (3, 6, 9), True), else the string ('evit'). Raises ValueError, naming `flag`
+  and showing `example`, for an item that is not key=value, a repeated key or unbalanced
+  brackets.
   """
   items, depth, start = [], 0, 0
   for i, char in enumerate(text):
@@ -278,16 +377,16 @@ def parse_token_merging(text):
     if depth < 0:
       break
   if depth:
-    raise ValueError(f"--token_merging {text!r}: unbalanced brackets.")
+    raise ValueError(f"{flag} {text!r}: unbalanced brackets.")
   items.append(text[start:])
   spec = {}
   for item in filter(str.strip, items):  # A trailing comma is harmless.
     key, equals, value = (part.strip() for part in item.partition("="))
     if not equals or not key.isidentifier():
-      raise ValueError(f"--token_merging {text!r}: {item.strip()!r} is not key=value; give "
-                       "e.g. r=8, r=16,schedule=decreasing or method=evit,keep_rate=0.7.")
+      raise ValueError(f"{flag} {text!r}: {item.strip()!r} is not key=value; give e.g. "
+                       f"{example}.")
     if key in spec:
-      raise ValueError(f"--token_merging {text!r}: {key!r} is given twice.")
+      raise ValueError(f"{flag} {text!r}: {key!r} is given twice.")
     try:
       spec[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError, TypeError):
@@ -297,8 +396,9 @@ def parse_token_merging(text):
 
 def check_model(args):
   """Exits with status 2 and one line if create_model rejects `--model` or its options, or
-  `--token_merging` (also: given with an MoE model); notes what a family name without
-  `--variant` builds.
+  `--token_merging` (also: given with an MoE model), or `--compare` names a library without
+  the model's kind (a DiT's is diffusers); notes what a family name without `--variant`
+  builds.
 
   Returns (model, token_merging): the model (in its default dtype) and the `token_merging`
   dict of `--token_merging`, or None without it.
@@ -307,11 +407,18 @@ def check_model(args):
   from vitjax.models import moe  # pylint: disable=import-outside-toplevel
   # pylint: disable-next=import-outside-toplevel
   from vitjax.models import token_merging as token_merging_lib
-  overrides = model_overrides(args, None)
-  del overrides["dtype"]  # Decided by the device, later; it does not change the checks.
   token_merging = None
   try:
+    overrides = model_overrides(args, None)
+    del overrides["dtype"]  # Decided by the device, later; it does not change the checks.
     model = models.create_model(args.model, **overrides)
+    if is_dit(model) and args.compare in ("timm", "transformers"):
+      raise ValueError(f"--compare {args.compare} has no diffusion transformer: the DiT "
+                       f"{args.model!r} is compared with --compare diffusers (the default) or "
+                       "none.")
+    if args.compare == "diffusers" and not is_diffusion(model):
+      raise ValueError(f"--compare diffusers is for a DiT; compare {args.model!r} with "
+                       "--compare auto, timm, transformers or none.")
     if args.token_merging is not None and isinstance(model, moe.MoeVisionTransformer):
       raise ValueError(f"--token_merging is for a dense model: {args.model!r} is a mixture of "
                        "experts, which the benchmark times beside its dense counterpart.")
@@ -339,24 +446,45 @@ def check_model(args):
 # ---------------------------------------------------------------------------- PyTorch side
 
 
-def resolve_compare(compare):
-  """'timm', 'transformers' or 'none' for `--compare`; 'auto' picks what is installed."""
+def resolve_compare(compare, model=None):
+  """'timm', 'transformers', 'diffusers' or 'none' for `--compare` and the vitjax `model`;
+  'auto' picks what is installed: diffusers for a DiT, else timm, else transformers."""
   if compare != "auto":
     return compare
   if not importlib.util.find_spec("torch"):
     return "none"
-  for name in ("timm", "transformers"):
+  for name in ("diffusers",) if is_dit(model) else ("timm", "transformers"):
     if importlib.util.find_spec(name):
       return name
   return "none"
 
 
-def torch_model(kind, model, args):
-  """The PyTorch counterpart of the vitjax `model`: (module, forward(module, images) -> logits)."""
+def torch_model(kind, model, args, params=None):
+  """The PyTorch counterpart of the vitjax `model`: (module, forward(module, inputs) -> its
+  output), `inputs` a dict of tensors as `step_inputs`' (NCHW images). A diffusers DiT
+  holds `params` (vitjax's, through `vitjax.convert.dit.to_diffusers`) where they are given."""
   if kind == "timm":
     import timm  # pylint: disable=import-outside-toplevel
     kwargs = {"img_size": args.image_size} if args.image_size else {}
-    return timm.create_model(args.model, pretrained=False, **kwargs), lambda m, x: m(x)
+    return (timm.create_model(args.model, pretrained=False, **kwargs),
+            lambda m, inputs: m(inputs["images"]))
+  if kind == "diffusers":
+    import diffusers  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    import torch  # pylint: disable=import-outside-toplevel
+    from vitjax.convert import dit as dit_convert  # pylint: disable=import-outside-toplevel
+    if (model.mlp_dim or 4 * model.width) != 4 * model.width:
+      raise ValueError(f"diffusers' DiT has MLPs of 4 x width ({4 * model.width}), this DiT "
+                       f"of {model.mlp_dim}: give mlp_dim={4 * model.width}.")
+    config = dit_convert.diffusers_config(model)
+    module = diffusers.DiTTransformer2DModel(
+        **{k: v for k, v in config.items() if not k.startswith("_")})
+    if params is not None:
+      state_dict = {name: torch.from_numpy(np.array(value, np.float32))  # Copies.
+                    for name, value in dit_convert.to_diffusers(model, params).items()}
+      module.load_state_dict(state_dict, strict=True)
+    return module, lambda m, inputs: m(inputs["images"], timestep=inputs["timesteps"],
+                                       class_labels=inputs["labels"]).sample
   import transformers  # pylint: disable=import-outside-toplevel
   config = transformers.ViTConfig(
       hidden_size=model.width, num_hidden_layers=model.depth, num_attention_heads=model.num_heads,
@@ -365,11 +493,52 @@ def torch_model(kind, model, args):
       layer_norm_eps=model.layer_norm_eps,
       hidden_act="gelu_pytorch_tanh" if model.gelu_approximate else "gelu")
   module = transformers.ViTForImageClassification(config)
-  return module, lambda m, x: m(pixel_values=x).logits
+  return module, lambda m, inputs: m(pixel_values=inputs["images"]).logits
 
 
-def build_torch(kind, model, args, dtype_name, images, labels, platform):
-  """(run_step, info): the same step in PyTorch on the same device; `run_step()` blocks."""
+def check_agreement(model, params, module, forward, inputs, torch_inputs, examples=4):
+  """{'max_abs_difference', 'max_abs_prediction'}: the largest |vitjax - PyTorch| difference
+  of the predictions on the first `examples` inputs, in float32 at full matmul precision on
+  both sides (no TF32), in eval mode, and the largest |prediction| (its scale).
+
+  Raises ValueError where it exceeds AGREEMENT_TOLERANCE: the two would not compute the
+  same function, and timing them side by side would compare different work.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  float32 = model.clone(dtype=jnp.float32)
+  first = {name: inputs[name][:examples] for name in ("images", "timesteps", "labels")}
+  with jax.default_matmul_precision("highest"):
+    expected = jax.jit(lambda p, x: float32.apply({"params": p}, x["images"], x["timesteps"],
+                                                  x["labels"])[0])(params, first)
+  tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+  torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+  try:
+    module.eval()
+    with torch.no_grad():
+      got = forward(module, {name: torch_inputs[name][:examples] for name in first})
+  finally:
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+  got = got.float().cpu().numpy().transpose(0, 2, 3, 1)  # NCHW -> NHWC.
+  expected = np.asarray(expected)
+  difference = float(np.max(np.abs(got - expected)))
+  if not difference <= AGREEMENT_TOLERANCE:  # A NaN fails too.
+    raise ValueError(f"the PyTorch model's predictions differ from vitjax's by up to "
+                     f"{difference:.3g} (> {AGREEMENT_TOLERANCE:g}) on the same weights and "
+                     "inputs: they do not compute the same function, so their times are not "
+                     "compared.")
+  return {"max_abs_difference": difference,
+          "max_abs_prediction": float(np.max(np.abs(expected)))}
+
+
+def build_torch(kind, model, args, dtype_name, inputs, platform, params=None):
+  """(run_step, info): the same step in PyTorch on the same device; `run_step()` blocks.
+
+  `inputs`: `step_inputs`' dict (the same arrays as vitjax's). `params`: vitjax's, which a
+  diffusers DiT loads; its predictions are then checked against vitjax's before any step.
+  """
   import numpy as np  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
 
@@ -379,7 +548,7 @@ def build_torch(kind, model, args, dtype_name, images, labels, platform):
   if device.type == "cuda" and dtype_name == "float32":
     torch.backends.cuda.matmul.allow_tf32 = True  # JAX's default precision uses TF32 too.
     torch.backends.cudnn.allow_tf32 = True
-  module, forward = torch_model(kind, model, args)
+  module, forward = torch_model(kind, model, args, params)
   module = module.to(device)
   use_compile = (args.torch_compile == "on"
                  or (args.torch_compile == "auto" and device.type == "cuda"))
@@ -387,21 +556,29 @@ def build_torch(kind, model, args, dtype_name, images, labels, platform):
   # bfloat16 as in vitjax: float32 parameters, bfloat16 compute (autocast).
   autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)
               if dtype_name == "bfloat16" else contextlib.nullcontext())
-  x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous().to(device)
-  y = torch.from_numpy(np.array(labels)).long().to(device)
+  # Images (and a diffusion model's noise) NHWC -> NCHW; labels and timesteps as int64.
+  tensors = {name: torch.from_numpy(np.array(value)) for name, value in inputs.items()}
+  tensors = {name: (t.permute(0, 3, 1, 2).contiguous() if t.ndim == 4 else t.long()).to(device)
+             for name, t in tensors.items()}
   sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
   info = {"implementation": kind, "torch_compile": use_compile,
           "torch_threads": torch.get_num_threads()}
   if kind == "transformers":
     # pylint: disable-next=protected-access
     info["attn_implementation"] = module.config._attn_implementation
+  if kind == "diffusers":
+    info["module"] = type(module).__name__
+    info["attention_processor"] = type(module.transformer_blocks[0].attn1.processor).__name__
+    if params is not None:
+      info["weights"] = "vitjax's, through vitjax.convert.dit.to_diffusers"
+      info.update(check_agreement(model, params, module, forward, inputs, tensors))
 
   if args.mode == "infer":
     module.eval()
 
     def run_step():
       with torch.inference_mode(), autocast():
-        forward(step_module, x)
+        forward(step_module, tensors)
       sync()
     return run_step, info
 
@@ -410,11 +587,17 @@ def build_torch(kind, model, args, dtype_name, images, labels, platform):
   optimizer = torch.optim.AdamW(module.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
                                 fused=fused or None)
   info["optimizer"] = "AdamW" + (" (fused)" if fused else "")
+  if is_diffusion(model):  # diffusion_loss's: the first C channels against the noise.
+    channels = model.in_channels
+    loss_fn = lambda output: torch.nn.functional.mse_loss(output[:, :channels].float(),
+                                                          tensors["noise"])
+  else:
+    loss_fn = lambda logits: torch.nn.functional.cross_entropy(logits.float(), tensors["labels"])
 
   def run_step():
     with autocast():
-      logits = forward(step_module, x)
-    torch.nn.functional.cross_entropy(logits.float(), y).backward()
+      output = forward(step_module, tensors)
+    loss_fn(output).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     sync()
@@ -531,6 +714,8 @@ def summary_lines(result):
     mfu = "n/a" if other["mfu"] is None else f"{100 * other['mfu']:.1f}%"
     lines.append(f"  {other_label + ':':<8}" + _speed_text({**other, "steps": r["steps"]}, mfu))
   lines.append(f"  peak memory {memory}")
+  if r.get("diffusion"):
+    lines.append("  " + _diffusion_text(r))
   if r["compiler_options"]:
     lines.append("  compiled with " + _options_text(r["compiler_options"]).replace("`", ""))
   if merging:
@@ -556,12 +741,13 @@ def summary_lines(result):
         f"({m['moe']['active_params']:,} active per token), {dense['params']:,} dense",
     ]
   torch_result = r.get("torch")
+  if r.get("torch_not_timed"):
+    lines.append(f"  PyTorch: not timed: {r['torch_not_timed']}")
   if torch_result and torch_result.get("error"):
     lines.append(f"  PyTorch ({torch_result['implementation']}): n/a: {torch_result['error']}")
   elif torch_result:
     t = torch_result
-    compiled = "torch.compile" if t["torch_compile"] else "eager"
-    lines.append(f"PyTorch {t['implementation']} ({compiled}, {t['torch_threads']} threads): "
+    lines.append(f"PyTorch {_torch_text(t)}: "
                  f"{_fmt(t['images_per_s'])} images/s, {_fmt(t['ms_per_step'])} ms/step, "
                  f"{_fmt(t['tflops'])} TFLOP/s at the same FLOPs")
     lines.append(f"vitjax / PyTorch: {r['ratio']:.2f}x images/s (median of the per-round "
@@ -569,6 +755,29 @@ def summary_lines(result):
   if _background_warning(r):
     lines.append(_background_warning(r))
   return lines
+
+
+def _torch_text(t):
+  """The PyTorch side in words: library (and module), compilation, threads, weights."""
+  text = (f"{t['implementation']}" + (f" {t['module']}" if t.get("module") else "")
+          + f" ({'torch.compile' if t['torch_compile'] else 'eager'}, {t['torch_threads']} "
+          "threads")
+  if "max_abs_difference" in t:
+    text += (f"; weights {t['weights']}; predictions within {t['max_abs_difference']:.2g} "
+             f"of vitjax's, which reach {t['max_abs_prediction']:.2g}, before timing")
+  return text + ")"
+
+
+def _diffusion_text(r):
+  """A diffusion model's inputs and train loss, one sentence."""
+  d = r["diffusion"]
+  text = (f"Diffusion inputs: x_t ({r['batch']}, {r['image_size']}, {r['image_size']}, "
+          f"{d['in_channels']}), timesteps in [0, {d['num_timesteps']}), "
+          + (f"labels in [0, {d['num_classes']})" if d["num_classes"] else "unconditional"))
+  if d["loss"]:
+    text += f"; train step: {d['loss']}, AdamW" + (", the same on both sides"
+                                                    if r.get("ratio") else "")
+  return text
 
 
 def _speed_text(r, mfu):
@@ -639,12 +848,23 @@ def markdown_lines(result):
       "the median of the per-round ratios of step times. FLOPs: XLA's cost analysis of the vitjax "
       "step. Memory: " + (r["peak_memory_source"] or "n/a") + ".",
   ] + _setup_notes(r)
+  if r.get("diffusion"):
+    header.append(f"- {_diffusion_text(r)}.")
+  if r.get("torch_not_timed"):
+    header.append(f"- PyTorch not timed: {r['torch_not_timed']}.")
   if t and not t.get("error"):
-    header.append(f"- PyTorch: {t['implementation']}, "
+    header.append(f"- PyTorch: {t['implementation']}"
+                  + (f" `{t['module']}`" if t.get("module") else "") + ", "
                   + ("torch.compile" if t["torch_compile"] else "eager")
                   + f", {t['torch_threads']} threads"
                   + (f", attention '{t['attn_implementation']}'" if "attn_implementation" in t
-                     else "") + ".")
+                     else "")
+                  + (f", attention processor {t['attention_processor']}"
+                     if "attention_processor" in t else "")
+                  + (f"; weights {t['weights']}, its predictions (float32, before timing) "
+                     f"within {t['max_abs_difference']:.2g} of vitjax's, which reach "
+                     f"{t['max_abs_prediction']:.2g}" if "max_abs_difference" in t else "")
+                  + ".")
   memory = "n/a" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:,.0f}"
   mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
   cells = [r["model"], r["mode"], str(r["batch"]), r["dtype"], _fmt(r["images_per_s"]),
@@ -728,13 +948,17 @@ def parse_args(argv):
   parser.add_argument("--image_size", type=int, help="input resolution on both sides "
                       "(default: the model's own)")
   parser.add_argument("--attention_impl", help="vitjax.create_model(attention_impl=...)")
+  parser.add_argument("--model_options", metavar="KEY=VALUE,...", help="more "
+                      "vitjax.create_model options, on both sides, e.g. a toy DiT: --model dit "
+                      "--variant S/2 --model_options width=32,depth=1,num_heads=2")
   parser.add_argument("--token_merging", metavar="SPEC", help="time the model without and with "
                       "vitjax.create_model(token_merging=...) on the same parameters, in place of "
                       "PyTorch; SPEC: key=value pairs, e.g. r=8, r=16,schedule=decreasing, "
                       "method=evit,keep_rate=0.7, method=topk,r=4, r=8,layers=(3,6,9)")
-  parser.add_argument("--compare", choices=("auto", "none", "timm", "transformers"),
-                      default="auto", help="the PyTorch model to time alongside; auto: timm if "
-                      "installed, else transformers, else none")
+  parser.add_argument("--compare", choices=("auto", "none", "timm", "transformers", "diffusers"),
+                      default="auto", help="the PyTorch model to time alongside; auto: for a DiT "
+                      "diffusers' DiTTransformer2DModel, else timm if installed, else "
+                      "transformers' ViT; none where nothing is installed (and for U-ViT)")
   parser.add_argument("--torch_compile", choices=("auto", "on", "off"), default="auto",
                       help="torch.compile the PyTorch model; auto: on a GPU only (compiling "
                       "takes minutes on a CPU)")
@@ -763,9 +987,15 @@ def main(argv=None):
             if token_merging is not None else
             f"for the mixture of experts {args.model!r}: PyTorch has no counterpart of it; it "
             "is timed beside its dense counterpart" if is_moe else None)
-  compare = "none" if paired else resolve_compare(args.compare)
+  diffusion = is_diffusion(checked)
+  # A diffusion model other than a DiT (U-ViT): no PyTorch implementation to time it beside.
+  unmatched = (f"no PyTorch implementation of {type(checked).__name__} ({args.model!r}) is "
+               "installed; vitjax is timed alone" if diffusion and not is_dit(checked) else None)
+  compare = "none" if paired or unmatched else resolve_compare(args.compare, checked)
   if paired and args.compare not in ("auto", "none"):
     print(f"note: --compare {args.compare} is skipped {paired}", file=sys.stderr, flush=True)
+  if unmatched and args.compare != "none":
+    print(f"note: PyTorch is not timed: {unmatched}", file=sys.stderr, flush=True)
   if compare != "none":
     # JAX would otherwise take 75% of the GPU's memory up front, leaving PyTorch too little.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -780,38 +1010,45 @@ def main(argv=None):
   dtype_name = args.dtype or ("float32" if on_cpu else "bfloat16")
 
   from vitjax import models  # pylint: disable=import-outside-toplevel
-  probe = models.create_model(args.model, **model_overrides(args, jnp.dtype(dtype_name)))
-  size, channels = probe.image_size, probe.in_channels
-  image_key, label_key = jax.random.split(jax.random.key(0))
-  images = jax.random.normal(image_key, (batch, size, size, channels), jnp.float32)
-  labels = jax.random.randint(label_key, (batch,), 0, probe.num_classes or 1000)
+  model = models.create_model(args.model, **model_overrides(args, jnp.dtype(dtype_name)))
+  if compare == "diffusers":
+    # diffusers' timestep frequencies (vitjax.convert.dit): the same function as its DiT's,
+    # at the same cost.
+    model = model.clone(freq_shift=1.0)
+  # A diffusion model's weights, the same on both sides, none of them zero.
+  params = random_weights(model) if diffusion else None
+  inputs = step_inputs(model, batch, diffusion)
+  image_shape = inputs["images"].shape[1:]
 
   options = None if args.xla_defaults else compiler_options(platform)
   # Token merging adds no parameters: the plain and merged models run the same ones.
-  params = models.init_params(probe) if token_merging is not None else None
-  run_vitjax, compiled, model, options = build_vitjax(args, jnp.dtype(dtype_name), images,
-                                                      labels, options, params=params)
+  if token_merging is not None:
+    params = models.init_params(model)
+  run_vitjax, compiled, model, options = build_vitjax(args, jnp.dtype(dtype_name), inputs,
+                                                      options, params=params, model=model)
   runners = {"vitjax": run_vitjax}
   merged = None
   if token_merging is not None:
-    figures = {"plain": forward_figures(model, params, images.shape[1:])}
+    figures = {"plain": forward_figures(model, params, image_shape)}
     if args.mode == "train":  # Each train step donates its parameters: the merged one a copy.
       params = jax.tree.map(jnp.copy, params)
     run_merged, merged_compiled, merged, _ = build_vitjax(
-        args, jnp.dtype(dtype_name), images, labels, options, token_merging=token_merging,
+        args, jnp.dtype(dtype_name), inputs, options, token_merging=token_merging,
         params=params)
-    figures["merged"] = forward_figures(merged, params, images.shape[1:])
+    figures["merged"] = forward_figures(merged, params, image_shape)
     runners["merged"] = run_merged
   if is_moe:  # Each model its own parameters: they differ in the MoE layers.
     dense = moe.dense_counterpart(model)
-    run_dense, dense_compiled, _, _ = build_vitjax(args, jnp.dtype(dtype_name), images, labels,
+    run_dense, dense_compiled, _, _ = build_vitjax(args, jnp.dtype(dtype_name), inputs,
                                                    options, model=dense)
     runners["dense"] = run_dense
   torch_info = None
   if compare != "none":
     try:
-      run_torch, torch_info = build_torch(compare, model, args, dtype_name, images, labels,
-                                          platform)
+      # The vitjax train step has not run yet: `params` are not donated before PyTorch
+      # copies them.
+      run_torch, torch_info = build_torch(compare, model, args, dtype_name, inputs, platform,
+                                          params)
       run_torch()  # A first step here: torch.compile compiles (and may fail) on it.
       runners["torch"] = run_torch
     except Exception as error:  # pylint: disable=broad-except
@@ -834,7 +1071,7 @@ def main(argv=None):
                      if memory is not None else None)
   result = {
       "model": args.model, "mode": args.mode, "batch": batch, "dtype": dtype_name,
-      "image_size": size, "attention_impl": args.attention_impl,
+      "image_size": image_shape[0], "attention_impl": args.attention_impl,
       "device": device.device_kind, "platform": platform, "num_devices_used": 1,
       "cpu_threads": cpu_threads() if on_cpu else None,
       "steps": args.steps, "warmup": max(args.warmup, 1),
@@ -844,7 +1081,12 @@ def main(argv=None):
       "compiler_options": options, "versions": _versions(compare),
       "date": datetime.date.today().isoformat(),
       "command": f"python -m vitjax.tools.benchmark {shlex.join(argv)}".rstrip(),
-      "torch": torch_info, "ratio": None, "token_merging": None, "moe": None,
+      "torch": torch_info, "torch_not_timed": unmatched, "ratio": None,
+      "token_merging": None, "moe": None,
+      "diffusion": {"in_channels": model.in_channels, "out_channels": model.out_channels,
+                    "num_classes": model.num_classes, "num_timesteps": NUM_TIMESTEPS,
+                    "loss": (DIFFUSION_LOSS.format(channels=model.in_channels)
+                             if args.mode == "train" else None)} if diffusion else None,
   }
   flops = result["flops"]
   if merged is not None:
@@ -858,7 +1100,7 @@ def main(argv=None):
         "tokens_at_last_block": figures["merged"]["tokens_at_last_block"],
     }
   if is_moe:
-    costs = {name: cost_figures(m, images.shape[1:], batch)
+    costs = {name: cost_figures(m, image_shape, batch)
              for name, m in (("moe", model), ("dense", dense))}
     result["moe"] = {
         "description": moe_description(model, args.mode), "moe_type": model.moe_type,
