@@ -163,6 +163,27 @@ def test_hf_deit_single_head(images, tmp_path):
                              hf_logits(hf, images), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("container", ["directory", "bin"])
+def test_hf_vit_model_without_pooler_dino(container, images, tmp_path):
+  # DINO v1's ViTs on the hub (facebook/dino-vits16, ...) are ViTModels without a pooler
+  # (add_pooling_layer=False), LayerNorm epsilon 1e-6, q, k, v biases: a headless ViT
+  # with a class token.
+  torch.manual_seed(0)
+  hf = transformers.ViTModel(transformers.ViTConfig(**HF_TINY), add_pooling_layer=False).eval()
+  if container == "directory":  # save_pretrained: the hub's names.
+    hf.save_pretrained(tmp_path)
+    path = tmp_path
+  else:  # The in-memory names of this transformers version.
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(hf.state_dict(), path)
+  model = tiny_model(num_classes=0, pool_type="token")
+  _, out = model.apply({"params": vitjax.load_weights(model, path)}, images)
+  with torch.no_grad():
+    hidden = hf(torch.from_numpy(images.transpose(0, 3, 1, 2))).last_hidden_state.numpy()
+  np.testing.assert_allclose(np.asarray(out["encoded"]), hidden, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(np.asarray(out["pre_logits"]), hidden[:, 0], atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["vit", "deit_teacher"])
 def test_timm_logits_match(kind, images, tmp_path):
   hf, options = hf_model(kind)

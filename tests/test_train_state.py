@@ -167,6 +167,25 @@ def test_aux_losses_are_weighted_into_the_loss_and_logged():
     misspelt.training_loss(model, params, {}, batch, rng, {}, 0)
 
 
+def train_preempted_then_resumed(config, workdir, monkeypatch):
+  """Trains `config` in `workdir`, stopped by an exception after its 3rd batch (past the
+  checkpoint of step 2 with checkpoint_every=2), then resumed to the end; the result."""
+  dataset_class = type(data_lib.get_dataset(config))
+  original = dataset_class.train_iter
+
+  def preempted_after_3(self, *args, **kwargs):
+    for i, batch in enumerate(original(self, *args, **kwargs)):
+      if i == 3:
+        raise _Preempted()
+      yield batch
+
+  monkeypatch.setattr(dataset_class, "train_iter", preempted_after_3)
+  with pytest.raises(_Preempted):
+    train_lib.train(config, workdir, progress=False)
+  monkeypatch.setattr(dataset_class, "train_iter", original)
+  return train_lib.train(config, workdir, progress=False)
+
+
 def test_task_state_and_ema_advance_are_checkpointed_and_resume_bitwise(
     tmp_path, monkeypatch, counting_task):
   config = toy_config("task=counting", "grad_accum_steps=2", "ema.decay=0.9",
@@ -183,20 +202,7 @@ def test_task_state_and_ema_advance_are_checkpointed_and_resume_bitwise(
   assert {"train/aux_loss/toy", "eval/top1", "eval_ema/top1"} <= set(straight) | {
       k for r in rows(str(tmp_path / "straight")) for k in r}
 
-  dataset_class = type(data_lib.get_dataset(config))
-  original = dataset_class.train_iter
-
-  def preempted_after_3(self, *args, **kwargs):
-    for i, batch in enumerate(original(self, *args, **kwargs)):
-      if i == 3:
-        raise _Preempted()
-      yield batch
-
-  monkeypatch.setattr(dataset_class, "train_iter", preempted_after_3)
-  with pytest.raises(_Preempted):
-    train_lib.train(config, str(tmp_path / "resumed"), progress=False)
-  monkeypatch.setattr(dataset_class, "train_iter", original)
-  resumed = train_lib.train(config, str(tmp_path / "resumed"), progress=False)  # From step 2.
+  resumed = train_preempted_then_resumed(config, str(tmp_path / "resumed"), monkeypatch)
   jax.tree_util.tree_map(np.testing.assert_array_equal, saved_state(
       str(tmp_path / "resumed"), 6), state)
   assert resumed["eval_ema/top1"] == straight["eval_ema/top1"]

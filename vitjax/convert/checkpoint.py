@@ -36,6 +36,11 @@ _LAYOUTS = (  # Name, and a parameter every ViT of that layout has.
 
 # What load_weights does with a checkpoint's classifier head (`head=`).
 HEAD_OPTIONS = ("error", "reinit")
+# Top-level parameters that only self-supervised pre-training uses, never a fine-tuned
+# ViT: I-JEPA's predictor (vitjax.models.jepa), DINO's and iBOT's projection heads and
+# the mask token of masked-patch students (vitjax.models.dino). A model that has none of
+# one of these names loads a checkpoint without it: the encoder, for fine-tuning.
+PRETRAINING_ONLY = ("predictor", "dino_head", "ibot_head", "mask_token")
 
 
 def load_weights(model, path, *, head="error", rng=0):
@@ -44,7 +49,11 @@ def load_weights(model, path, *, head="error", rng=0):
   Args:
     model: a vitjax ViT (e.g. from `vitjax.create_model`), or a MAE / SimMIM
       (Hugging Face ViTMAE state dicts: vitjax.convert.mae). A ViT given a MAE or
-      SimMIM checkpoint takes its encoder: fine-tuning after pre-training.
+      SimMIM checkpoint takes its encoder: fine-tuning after pre-training. So it
+      does from an I-JEPA or DINO checkpoint: of the pre-training-only parameters
+      (`PRETRAINING_ONLY`: 'predictor', 'dino_head', 'ibot_head', 'mask_token'),
+      those the model has none of are dropped (a ViT loading an I-JEPA needs the
+      I-JEPA's pool_type='gap' and posemb).
     path: an .npz, .safetensors, .pth/.pt/.bin file, a Hugging Face model
       directory, or a vitjax training workdir (its latest readable checkpoint;
       newer unreadable ones are skipped with a warning). The format is told
@@ -52,7 +61,10 @@ def load_weights(model, path, *, head="error", rng=0):
     head: 'error' (default) raises if the classifier does not fit the model;
       'reinit' drops the checkpoint's `head`/`head_dist` (and a `pre_logits` that
       does not fit) and takes freshly initialised ones: fine-tuning on new classes.
-    rng: seed or PRNG key for the fresh head of head='reinit'.
+      'reinit' also initialises afresh the model's pre-training-only parts the
+      checkpoint has none of, as an I-JEPA's predictor from Hugging Face's
+      `IJepaModel` (the encoder alone); 'error' reports them as missing.
+    rng: seed or PRNG key for the fresh head (and parts) of head='reinit'.
 
   Returns:
     The params tree (nested dicts of NumPy arrays in the model's param_dtype),
@@ -90,10 +102,12 @@ def load_weights(model, path, *, head="error", rng=0):
   if scanned:  # Compared block by block, as the checkpoint was unstacked.
     template = big_vision.unstack_blocks(
         template, take=lambda t, i: jax.ShapeDtypeStruct(t.shape[1:], t.dtype))
+  params = _drop_pretraining_only(params, template)
   params = _fit_posemb(params, model, template)
   params = flexi.fit_patch_embedding(params, model, template)  # FlexiViT: another patch size.
   if head == "reinit":
     params = _reinit_head(params, model, template, rng)
+    params = _fresh_pretraining_only(params, model, template, rng)
   message = _mismatch_message(params, template, f"The {source.describe(layout)}")
   if message:
     if scanned:
@@ -257,6 +271,25 @@ def _fit_posemb(params, model, template):
   return params
 
 
+def _top_names(names):
+  return {name.split("/")[0] for name in names}
+
+
+def _drop_pretraining_only(params, template):
+  """`params` without the pre-training-only parts (PRETRAINING_ONLY) the model has none of."""
+  dropped = set(PRETRAINING_ONLY) - _top_names(template)
+  return {name: value for name, value in params.items() if name.split("/")[0] not in dropped}
+
+
+def _fresh_pretraining_only(params, model, template, rng):
+  """Freshly initialised pre-training-only parts of the model that `params` has none of."""
+  missing = (set(PRETRAINING_ONLY) & _top_names(template)) - _top_names(params)
+  if not missing:
+    return params
+  fresh = mismatch.fresh_head(model, rng, tuple(missing))
+  return {**params, **{name: value for name, value in fresh.items() if name not in params}}
+
+
 def _reinit_head(params, model, template, rng):
   """Replaces the checkpoint's classifier by a freshly initialised one."""
   pre_logits = [n for n in template if n.startswith("pre_logits/")]
@@ -305,6 +338,21 @@ def _hints(params, template, differing):
     hints.append("The model has rope='mixed' but the checkpoint has no learned RoPE "
                  "frequencies: rope='axial' (fixed frequencies) or None may be what it was "
                  "trained with.")
+  if "cls" in template and "cls" not in params:
+    hints.append("The checkpoint has no class token (an average-pooled model, such as "
+                 "I-JEPA's): build the model with pool_type='gap'.")
+  if "pos_embedding" in params and "pos_embedding" not in template:
+    hints.append("The checkpoint has position embeddings ('pos_embedding'), the model none: "
+                 "build it with posemb='learn' (fixed sin-cos embeddings stored as a "
+                 "parameter, as Hugging Face's IJepaModel holds I-JEPA's, load so too).")
+  elif "pos_embedding" in template and "pos_embedding" not in params:
+    hints.append("The checkpoint has no position embeddings: it was trained with fixed ones "
+                 "(posemb='sincos2d', as vitjax's I-JEPA) or none; build the model so.")
+  lacking = sorted((set(PRETRAINING_ONLY) & _top_names(template)) - _top_names(params))
+  if lacking:
+    hints.append(f"The checkpoint has none of the model's pre-training parts "
+                 f"{', '.join(map(repr, lacking))} (Hugging Face's IJepaModel is the encoder "
+                 "alone): head='reinit' initialises them afresh; or load it into a plain ViT.")
   if all(n.split("/")[0] in HEAD_NAMES for n in differing):
     hints.append("Only the classifier differs: head='reinit' loads everything else and "
                  "initialises the model's head afresh.")

@@ -87,14 +87,21 @@ def read_checkpoint(path):
   """({name: np.ndarray}, Source) of a file `read_arrays` reads, or of a training workdir.
 
   A vitjax training workdir (a directory with `checkpoints/`) gives the parameters
-  of its latest readable checkpoint, with vitjax's '/'-joined names.
+  of its latest readable checkpoint, with vitjax's '/'-joined names; 'WORKDIR:NAME'
+  gives its other weights (`workdir_checkpoints.ITEMS`: 'ema', 'teacher',
+  'target_encoder').
   """
   expanded = os.path.expanduser(os.fspath(path))
+  item = "params"
+  workdir, _, name = expanded.rpartition(":")
+  if workdir and not os.path.exists(expanded) and os.path.isdir(os.path.join(workdir,
+                                                                             "checkpoints")):
+    expanded, item = workdir, name  # 'WORKDIR:teacher': other weights of the run.
   if os.path.isdir(os.path.join(expanded, "checkpoints")):
     # Imported here: orbax is needed for workdirs alone.
     from vitjax.convert import workdir_checkpoints  # pylint: disable=import-outside-toplevel
     try:
-      step, params = workdir_checkpoints.load_params_and_step(expanded)
+      step, params = workdir_checkpoints.load_params_and_step(expanded, item=item)
     except workdir_checkpoints.WorkdirCheckpointError as e:  # As load_weights documents.
       raise CheckpointError(str(e)) from None
     flat = traverse_util.flatten_dict(params, sep="/")

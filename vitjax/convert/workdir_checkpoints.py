@@ -6,6 +6,7 @@ trainer, so that loading weights never imports vitjax.train. It only reads: a ru
 may still be writing the workdir.
 """
 
+import functools
 import os
 
 from etils import epath
@@ -31,11 +32,19 @@ class _NotSaved(_Unreadable):
   """A checkpoint that holds none of the arrays asked for."""
 
 
-def load_params_and_step(workdir, step=None, *, ema=False):
+# Weights of a run besides its parameters, by the name `load_params_and_step(item=...)`
+# and `load_weights('WORKDIR:NAME')` take: their place in the train state.
+ITEMS = {"params": ("params",), "ema": ("ema",), "teacher": ("task", "teacher"),
+         "target_encoder": ("task", "target_encoder")}
+
+
+def load_params_and_step(workdir, step=None, *, ema=False, item="params"):
   """(step, params) of the latest readable checkpoint of `workdir`, or of `step`.
 
   With `ema`, the EMA of the parameters (float32, as the run kept it) instead; a
   checkpoint without one (config.ema.decay unset) is a `WorkdirCheckpointError`.
+  `item` names other weights of the run (`ITEMS`): 'teacher' (DINO's EMA teacher) or
+  'target_encoder' (I-JEPA's), float32; a run without them is a `WorkdirCheckpointError`.
   It only reads, since the run may still be writing: an unreadable latest
   checkpoint is skipped with one warning line naming it, the file and the step
   loaded instead, and nothing is moved (a resuming trainer moves it aside).
@@ -49,7 +58,10 @@ def load_params_and_step(workdir, step=None, *, ema=False):
                  if name.isdigit()) if os.path.isdir(directory) else []
   if not steps:
     raise WorkdirCheckpointError(f"No checkpoint in {directory}.")
-  item = "ema" if ema else "params"
+  item = "ema" if ema else item
+  if item not in ITEMS:
+    raise WorkdirCheckpointError(f"A training workdir has no weights named {item!r}; it holds "
+                                 f"{', '.join(map(repr, ITEMS))} (when its run kept them).")
   if step is not None:
     if step not in steps:
       raise WorkdirCheckpointError(f"No checkpoint of step {step} in {directory}; it holds "
@@ -85,11 +97,18 @@ def _read_params(step_directory, item="params"):
     raise _Unreadable(
         f"{step_directory}: no 'state' item (written by vitjax before 2026-11-22, or by "
         "another program: export its weights with the version that wrote it)")
-  no_ema = WorkdirCheckpointError(
-      f"{state_directory} holds no EMA of the parameters: its run did not set "
-      f"config.ema.decay. Load its parameters (ema=False).")
+  path = ITEMS[item]
+  if item == "ema":
+    no_ema = WorkdirCheckpointError(
+        f"{state_directory} holds no EMA of the parameters: its run did not set "
+        f"config.ema.decay. Load its parameters (ema=False).")
+  else:
+    no_ema = WorkdirCheckpointError(
+        f"{state_directory} holds no {item!r} weights: its run's task did not keep them "
+        f"({item!r} is config.task='{'dino' if item == 'teacher' else 'ijepa'}''s). Load its "
+        "parameters (the workdir without ':" + item + "').")
   try:
-    check_readable(state_directory, prefixes=(f"{item}.".encode(),))
+    check_readable(state_directory, prefixes=(".".join(path).encode() + b".",))
     # The handler alone, not a CheckpointManager: a read-only manager logs warnings
     # ('Given directory is read only') on every load.
     handler = ocp.PyTreeCheckpointHandler()
@@ -99,24 +118,30 @@ def _read_params(step_directory, item="params"):
       if not isinstance(tree, dict) or "params" not in tree:
         found = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
         raise _Unreadable(f"{state_directory}: holds no 'params' (found {found})")
-      if item not in tree:
-        raise no_ema
+      subtree = tree
+      for key in path:
+        if not isinstance(subtree, dict) or key not in subtree:
+          raise no_ema
+        subtree = subtree[key]
       as_numpy = lambda _: ocp.RestoreArgs(restore_type=np.ndarray)
+      nest = lambda value: functools.reduce(lambda inner, key: {key: inner}, reversed(path),
+                                            value)
       state = handler.restore(epath.Path(state_directory), args=ocp.args.PyTreeRestore(
-          item={item: tree[item]},
-          restore_args={item: jax.tree_util.tree_map(as_numpy, tree[item])},
+          item=nest(subtree), restore_args=nest(jax.tree_util.tree_map(as_numpy, subtree)),
           partial_restore=True))
     finally:
       handler.close()
   except _NotSaved:
-    if item == "ema":
+    if item != "params":
       raise no_ema from None
     raise
   except (_Unreadable, WorkdirCheckpointError):
     raise
   except Exception as e:  # pylint: disable=broad-except
     raise _Unreadable(describe_read_error(e, state_directory)) from e
-  return state[item]
+  for key in path:
+    state = state[key]
+  return state
 
 
 # Zarr's per-array metadata: read for every array (optimizer state included) by orbax.

@@ -7,11 +7,14 @@
 'digits' (scikit-learn's 8x8 digits, no download) is the default; any TFDS
 image-classification dataset prepared in the array_record format works by name,
 image folders as 'folder:PATH' and WebDataset shards as 'wds:PATTERN'.
+With config.input.multicrop, training batches are self-supervised views instead
+({'global_crops', 'local_crops', 'label'} and masks; see `data.multicrop`).
 tensorflow_datasets is imported only when a TFDS dataset is read.
 """
 
 from vitjax.data import augment
 from vitjax.data import digits
+from vitjax.data import multicrop
 from vitjax.data import preprocess
 from vitjax.data.pipeline import ArraySource
 from vitjax.data.pipeline import Dataset
@@ -41,6 +44,7 @@ __all__ = [
     "augment",
     "digits",
     "get_dataset",
+    "multicrop",
     "preprocess",
     "shuffled_indices",
 ]

@@ -24,6 +24,10 @@ On the per-example path, grain maps examples and then batches them, and with
 input.device_preprocess (the default) the host stops at uint8: normalization,
 erasing and mixing run on the device in the jitted step (`vitjax.data.device`),
 from parameters drawn here.
+
+With input.multicrop (`vitjax.data.multicrop`), training examples become global
+and local crops (and masks) for self-supervised training, finished on the host;
+evaluation batches are as without it.
 """
 
 import dataclasses
@@ -43,6 +47,7 @@ from vitjax.data import augment
 from vitjax.data import device
 from vitjax.data import digits
 from vitjax.data import folder as folder_data
+from vitjax.data import multicrop as multicrop_lib
 from vitjax.data import packing as packing_lib
 from vitjax.data import preprocess
 from vitjax.data import sources
@@ -57,6 +62,9 @@ _AUGMENT_STREAM = 1
 _EXAMPLE_STREAM = 2  # Inception crop, flip, RandAugment: per stream position.
 _ERASE_STREAM = 3  # Random erasing: per stream position.
 _MIX_STREAM = 4  # Mixup / CutMix: per step.
+# 5: packing's (vitjax.data.packing).
+_MULTICROP_STREAM = 6  # Multi-crop's crops: per stream position.
+_MASK_STREAM = 7  # Multi-crop's masks: per stream position.
 _PIL_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
@@ -151,6 +159,12 @@ class InputConfig:
       keys): images at their own (or a drawn) resolution and aspect ratio, packed
       several per sequence of `seq_len` tokens; batch_size counts sequences.
       None (the default): fixed-size images.
+    multicrop: training: self-supervised multi-crop input (a dict of
+      `vitjax.data.multicrop.MulticropConfig` keys; {} takes DINO's defaults):
+      batches of `global_crops`, `local_crops` and `label` (and masks), normalized
+      on the host, in place of `image`; its crops have their own flip. None (the
+      default): off. It replaces the other training augmentations, and
+      device_preprocess does not apply.
   """
   image_size: int | None = None
   random_crop_padding: int = 0
@@ -183,6 +197,7 @@ class InputConfig:
   preprocess_from_model: bool | str = ""
   skip_bad_images: bool = False
   packing: Any = None
+  multicrop: Any = None
 
   @classmethod
   def from_config(cls, input_config: Any) -> "InputConfig":
@@ -215,11 +230,36 @@ class InputConfig:
     if self.repeated_augmentation < 1:
       raise ValueError(f"input.repeated_augmentation must be >= 1 (1 turns it off), "
                        f"not {self.repeated_augmentation}.")
+    if self.has_multicrop:
+      self._check_multicrop()
+
+  @property
+  def has_multicrop(self) -> bool:
+    return self.multicrop is not None and self.multicrop is not False
+
+  def _check_multicrop(self):
+    """input.multicrop's keys and values, and no other training augmentation with it."""
+    others = (("mixup_alpha", self.mixup_alpha > 0, "0"),
+              ("cutmix_alpha", self.cutmix_alpha > 0, "0"),
+              ("randaugment_ops", self.randaugment_ops > 0, "0"),
+              ("random_erasing_prob", self.random_erasing_prob > 0, "0"),
+              ("packing", bool(self.packing), "None"),
+              ("repeated_augmentation", self.repeated_augmentation > 1, "1"),
+              ("inception_crop", self.inception_crop, "False"),
+              ("random_crop_padding", self.random_crop_padding > 0, "0"))
+    for key, is_set, off in others:
+      if is_set:
+        value = "" if key == "packing" else f"={getattr(self, key)!r}"
+        raise ValueError(
+            f"input.multicrop and input.{key}{value} do not combine: "
+            f"multi-crop makes its own crops and augmentations. Set input.{key}={off}, "
+            f"or input.multicrop=None.")
+    multicrop_lib.MulticropConfig.from_config(self.multicrop, image_size=self.image_size)
 
   @property
   def augments_per_example(self) -> bool:
     """Whether training images take the per-example uint8 path (PIL)."""
-    return self.inception_crop or self.randaugment_ops > 0
+    return self.inception_crop or self.randaugment_ops > 0 or self.has_multicrop
 
   @property
   def mixes(self) -> bool:
@@ -330,6 +370,12 @@ class Dataset:
       have captions (WebDataset); the contrastive task sets it.
     device_fn: what the jitted step applies to a training batch first (uint8
       images -> normalized, erased, mixed), or None when the host did it all.
+    multicrop: input.multicrop as a `vitjax.data.multicrop.MulticropConfig`, its
+      global_size filled in (input.image_size by default), or None: training
+      batches are then {'global_crops', 'local_crops', 'label'} and the masks.
+    num_context_tokens, num_target_tokens: with multicrop.masks='ijepa', Kc and
+      Kt, the fixed sizes of `context_index` [b, Kc] and `target_index`
+      [b, M, Kt] (`vitjax.data.multicrop.ijepa_token_counts`); else None.
   """
 
   def __init__(self, name: str, *, train_source: Source, eval_source: Source,
@@ -363,6 +409,14 @@ class Dataset:
     mean = np.broadcast_to(input_config.mean, (input_config.channels,))
     # RandAugment fills uncovered corners with the mean colour, as timm does.
     self._fill = tuple(int(round(255 * value)) for value in mean)
+    self.multicrop = None
+    self.num_context_tokens = self.num_target_tokens = None
+    if input_config.has_multicrop:
+      self.multicrop = multicrop_lib.MulticropConfig.from_config(
+          input_config.multicrop, image_size=image_size)
+      if self.multicrop.masks == "ijepa":
+        self.num_context_tokens, self.num_target_tokens = (
+            multicrop_lib.ijepa_token_counts(self.multicrop))
 
   @property
   def bad_images_skipped(self) -> int:
@@ -381,7 +435,7 @@ class Dataset:
   @property
   def device_fn(self) -> Callable[[Batch], Batch] | None:
     config = self._input
-    if not (config.augments_per_example and config.device_preprocess):
+    if not (config.augments_per_example and config.device_preprocess) or self.multicrop:
       return None
     return functools.partial(device.finish_batch, mean=config.mean, std=config.std,
                              num_classes=self.num_classes,
@@ -473,8 +527,29 @@ class Dataset:
           increasing=config.randaugment_increasing, fill=self._fill)
     return np.asarray(pil).reshape(size, size, config.channels)
 
+  def _multicrop_example(self, position: int, *, seed: int) -> dict:
+    """Training example at stream `position` as multi-crop views (and masks)."""
+    config = self._input
+    index = self._indices(np.asarray([position]), seed)
+    result = self._train_raw.read(index)
+    image = preprocess.to_channels(preprocess.to_uint8(result.images[0]), config.channels)
+    image = preprocess.to_uint8(image)  # RGB -> gray gives floats.
+    example = multicrop_lib.crops(
+        augment.stream_rng(_MULTICROP_STREAM, seed, position), image, self.multicrop,
+        mean=config.mean, std=config.std, resample=_PIL_RESAMPLE[config.interpolation])
+    example.update(multicrop_lib.masks(
+        augment.stream_rng(_MASK_STREAM, seed, position), self.multicrop,
+        context_tokens=self.num_context_tokens, target_tokens=self.num_target_tokens))
+    example.update({
+        "label": result.labels[0], "_position": np.int64(position),
+        "_skip_from": np.int64(index[0]), "_skip_count": np.int64(len(result.skipped)),
+        **{k: v[0] for k, v in self._captions(self._train_raw, result.indices).items()}})
+    return example
+
   def _train_example(self, position: int, *, seed: int) -> dict:
     """Training example at stream `position`, augmented (the per-example path)."""
+    if self.multicrop is not None:
+      return self._multicrop_example(position, seed=seed)
     config = self._input
     index = self._indices(np.asarray([position]), seed)
     result = self._train_raw.read(index)
@@ -657,7 +732,9 @@ class Dataset:
 
     Yields dicts {'image': float32 [b, H, W, C], 'label': int32 [b]} where
     b = batch_size // process_count is this host's slice of the global batch
-    (with `device_fn`, uint8 images and the parameters it needs). Starting at
+    (with `device_fn`, uint8 images and the parameters it needs; with
+    input.multicrop, 'global_crops', 'local_crops' and masks in place of
+    'image', see `vitjax.data.multicrop`). Starting at
     step s yields exactly what the s-th batch onwards of a run from step 0
     yields, whatever input.num_threads and input.num_workers are.
     """

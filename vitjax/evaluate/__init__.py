@@ -19,6 +19,7 @@ EVALUATORS = {
     "classification": "vitjax.evaluate.classification:classification",
     "fewshot": "vitjax.evaluate.fewshot:fewshot",
     "linear_probe": "vitjax.evaluate.linear_probe:linear_probe",
+    "knn": "vitjax.evaluate.knn:knn",
     "zeroshot": "vitjax.evaluate.zeroshot:zeroshot",
     "retrieval": "vitjax.evaluate.retrieval:retrieval",
     "reconstruction": "vitjax.evaluate.reconstruction:reconstruction",

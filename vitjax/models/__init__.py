@@ -7,7 +7,9 @@ The registry itself is `vitjax.models.registry`; this module registers vitjax's
 families and names.
 """
 
+from vitjax.models import dino
 from vitjax.models import dit
+from vitjax.models import jepa
 from vitjax.models import mae
 from vitjax.models import mixer
 from vitjax.models import moe
@@ -31,6 +33,8 @@ register_family("mae", mae.MaskedAutoencoder, vit.decode_variant, vit.SIZES)
 register_family("simmim", mae.SimMIM, vit.decode_variant, vit.SIZES)
 register_family("navit", navit.NaViT, vit.decode_variant, vit.SIZES)
 register_family("uvit", uvit.UViT, uvit.decode_variant, uvit.SIZES)
+register_family("ijepa", jepa.IJEPA, vit.decode_variant, vit.SIZES)
+register_family("dino", dino.DINO, vit.decode_variant, vit.SIZES)
 
 
 def _register_vits():
@@ -175,6 +179,8 @@ navit.register_models(register, mean=INCEPTION_MEAN, std=INCEPTION_STD)
 two_towers.register_two_towers(register, clip_mean=CLIP_MEAN, clip_std=CLIP_STD,
                                 siglip_mean=INCEPTION_MEAN, siglip_std=INCEPTION_STD)
 mae.register_models(register)
+jepa.register_models(register)
+dino.register_models(register)
 moe.register_models(register, register_family, mean=INCEPTION_MEAN, std=INCEPTION_STD)
 dit.register_models(register, register_family)
 uvit.register_models(register, mean=INCEPTION_MEAN, std=INCEPTION_STD)

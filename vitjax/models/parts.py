@@ -435,12 +435,18 @@ class PatchStem(nn.Module):
   `posemb_resize`. `rope` ('axial', 'mixed': 2-D; '1d': the token index) puts the
   tokens' RoPE positions in the token state.
 
-  `__call__(images, patch_size=None)` -> `(tokens, token_state, out)` with
-  `out['stem']` (the patch embeddings, (B, N, width)) and `out['grid']` ((grid_h,
-  grid_w)). A `patch_size` other than the module's cuts the images into patches of
-  that size with the kernel PI-resized to it (FlexiViT), the position embeddings
-  resized to the grid that gives.
-  Parameters: `embedding`, `cls`, `dist`, `pos_embedding`, `reg`, `embedding_norm`.
+  `__call__(images, patch_size=None, mask=None, keep=None)` -> `(tokens, token_state,
+  out)` with `out['stem']` (the patch embeddings, (B, N, width)) and `out['grid']`
+  ((grid_h, grid_w)). A `patch_size` other than the module's cuts the images into
+  patches of that size with the kernel PI-resized to it (FlexiViT), the position
+  embeddings resized to the grid that gives.
+
+  Masked-token objectives: `mask` (B, N) bool replaces the embeddings of the masked
+  patches by a learned `mask_token` before the position embeddings are added (BEiT,
+  SimMIM, iBOT); `keep` (B, K) int keeps only those patches (row-major indices), with
+  their position embeddings, after the prefix tokens (I-JEPA's context encoder).
+  Parameters: `embedding`, `cls`, `dist`, `pos_embedding`, `reg`, `embedding_norm`,
+  `mask_token` (created by a call with a `mask`).
   """
   patch_size: int
   width: int
@@ -463,12 +469,23 @@ class PatchStem(nn.Module):
     return int(self.class_token) + int(self.distillation_token)
 
   @nn.compact
-  def __call__(self, images, patch_size=None):
+  def __call__(self, images, patch_size=None, mask=None, keep=None):
     x = share(self, PatchEmbedding(self.patch_size, self.width, self.dtype, self.param_dtype,
                                    self.patch_resize))(images, patch_size)
     batch, grid_h, grid_w, width = x.shape
     x = x.reshape(batch, grid_h * grid_w, width)
     out = {"stem": x, "grid": (grid_h, grid_w)}
+    if mask is not None:
+      if mask.shape != x.shape[:2]:
+        raise ValueError(f"mask has shape {mask.shape}; it needs one entry per patch: "
+                         f"{x.shape[:2]} (batch, {grid_h} x {grid_w} patches).")
+      mask_token = self.param("mask_token", logical(nn.initializers.zeros, None, None, "embed"),
+                              (1, 1, width), self.param_dtype).astype(self.dtype)
+      x = jnp.where(mask[..., None], mask_token, x)
+    if keep is not None and (self.rope or self.class_token_position == "last"):
+      raise ValueError("keep= (a subset of the patches) is for models with position "
+                       "embeddings and prefix tokens first; this one has "
+                       f"rope={self.rope!r}, class_token_position={self.class_token_position!r}.")
     num_prefix = self.num_prefix_tokens
     token = lambda name, count, init: jnp.tile(self.param(
         name, logical(init, None, None, "embed"), (1, count, width),
@@ -483,6 +500,9 @@ class PatchStem(nn.Module):
       x = jnp.concatenate(prefix + [x], axis=1) + posemb
     else:  # Position embeddings of the patches only.
       x = jnp.concatenate(prefix + [x + posemb], axis=1)
+    if keep is not None:
+      kept = jnp.take_along_axis(x[:, num_prefix:], keep[..., None].astype(jnp.int32), axis=1)
+      x = jnp.concatenate([x[:, :num_prefix], kept], axis=1)
     if self.num_registers:
       registers = token("reg", self.num_registers, nn.initializers.normal(stddev=0.02))
       x = jnp.concatenate([x[:, :num_prefix], registers, x[:, num_prefix:]], axis=1)

@@ -325,8 +325,13 @@ class VisionTransformer(nn.Module):
     return default, tuple(factory(entry) for entry in self.layers)
 
   @nn.compact
-  def __call__(self, images, train=False, step=None, patch_size=None):
+  def __call__(self, images, train=False, step=None, patch_size=None, mask=None, keep=None):
     """(logits, out) of NHWC `images`.
+
+    `mask` (B, N) bool: the masked patches' embeddings are replaced by a learned
+    `mask_token` (iBOT, BEiT); `keep` (B, K) int: only these patches (row-major
+    indices) are encoded, after the prefix tokens (I-JEPA's context). See
+    `parts.PatchStem`.
 
     `patch_size` (FlexiViT): cut the images into patches of this size instead of the
     model's, with the patch embedding PI-resized to it and the learned position
@@ -354,7 +359,7 @@ class VisionTransformer(nn.Module):
         class_posemb=self.class_posemb, class_token_position=self.class_token_position,
         embedding_norm=self.norm_factory() if self.embedding_norm else None, rope=self.rope,
         dtype=self.dtype, param_dtype=self.param_dtype))
-    x, token_state, out = stem(images, patch_size)
+    x, token_state, out = stem(images, patch_size, mask=mask, keep=keep)
     del out["grid"]
     x = constrain(x, "act_batch", "act_length", "act_embed")
     x = nn.Dropout(rate=self.dropout)(x, deterministic)

@@ -362,11 +362,14 @@ def _train_loop(config, workdir, model, task, evaluators, dataset, mesh, progres
   total_steps = config.total_steps
 
   def evaluate(step):
-    """`eval/NAME` of the parameters and, with config.ema.decay, `eval_ema/NAME` of the EMA."""
+    """`eval/NAME` of the parameters and, with config.ema.decay, `eval_ema/NAME` of the EMA;
+    a task's own weights (`Task.eval_weights`) under their prefix."""
     weights = {"eval": state["params"]}
     if "ema" in state:  # Evaluated in the parameters' dtype, as the parameters are.
       weights["eval_ema"] = jax.tree_util.tree_map(lambda e, p: e.astype(p.dtype),
                                                    state["ema"], state["params"])
+    # A task's other weights (a DINO teacher): `eval_teacher/NAME`.
+    weights.update(task.eval_weights(state.get("task", {}), state["params"]))
     result = {}
     for prefix, params in weights.items():
       for name, options in evaluators.items():

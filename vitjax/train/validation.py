@@ -351,6 +351,9 @@ def check_init(config):
     for tower, path in paths.items():
       if not path or os.path.exists(os.path.expanduser(os.fspath(path))):
         continue
+      workdir = os.path.expanduser(os.fspath(path)).rpartition(":")[0]
+      if workdir and os.path.isdir(os.path.join(workdir, "checkpoints")):
+        continue  # 'WORKDIR:teacher': the name is checked when the weights are read.
       name = f"config.{key}" + (f".{tower}" if tower else "")
       where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
       scratch = "" if key == "teacher.init" else f"; or {name}=None to start from scratch"

@@ -10,6 +10,8 @@ logging are shared by all of them. `config.task` picks one by name:
     simmim       SimMIM masked image modelling
     contrastive  two towers, CLIP (softmax) or SigLIP (sigmoid) loss; LiT by freezing
     diffusion    DDPM / Improved DDPM or flow matching of a DiT or U-ViT
+    dino         self-distillation with no labels: DINO, iBOT's patch loss, DINOv2's options
+    ijepa        I-JEPA: predict masked blocks' representations from a context block
 
 Task modules are imported when first named, so a task's extra dependencies cost
 nothing to the others.
@@ -26,6 +28,8 @@ TASKS = {
     "simmim": "vitjax.train.tasks.masked:SimMIM",
     "contrastive": "vitjax.train.tasks.contrastive:Contrastive",
     "diffusion": "vitjax.train.tasks.diffusion:Diffusion",
+    "dino": "vitjax.train.tasks.self_distillation:SelfDistillation",
+    "ijepa": "vitjax.train.tasks.jepa:Ijepa",
 }
 
 

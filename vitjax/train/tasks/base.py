@@ -84,6 +84,7 @@ class Task:
                                                      rng, constants, step)
     task_state = task.update_state(task_state, params, step)  # after the optimizer update
     task.evaluators()                     # {evaluator name: options} run every eval_every
+    task.eval_weights(task_state, params) # {prefix: params} evaluated besides params
 
   A task overrides `loss` (no state of its own) or `stateful_loss` (reads and returns
   its state: a DINO centre from the teacher's outputs, a MoCo queue), and
@@ -102,9 +103,18 @@ class Task:
 
   # Evaluators (see `vitjax.evaluate`) run when config.evaluators is absent.
   default_evaluators = {"classification": {}}
+  # Whether the task reads multi-crop batches (config.input.multicrop: `global_crops`, ...,
+  # no `image`); the others refuse them.
+  takes_multicrop = False
 
   def __init__(self, config):
     self.config = config
+    multicrop = (config.get("input") or {}).get("multicrop")
+    if multicrop and not self.takes_multicrop:
+      raise ValueError(f"config.input.multicrop makes batches of several crops per image for "
+                       f"self-supervised tasks ('dino', 'ijepa'); config.task="
+                       f"{config.get('task', 'supervised')!r} takes whole images. Set "
+                       "--config.input.multicrop=None.")
 
   def build_model(self):
     """The model being trained; by default the one `config.model` names."""
@@ -132,6 +142,12 @@ class Task:
     if configured is None:
       return dict(self.default_evaluators)
     return {name: dict(options or {}) for name, options in dict(configured).items()}
+
+  def eval_weights(self, task_state, params):
+    """{prefix: params} of weights the evaluators also run on besides `params` (logged
+    as `PREFIX/NAME`), e.g. {'eval_teacher': the EMA teacher}; {} by default."""
+    del task_state, params
+    return {}
 
   def loss(self, model, params, batch, rng, constants, step):
     """(scalar loss, {name: scalar metric}) of one (micro-)batch; traced under jit."""
