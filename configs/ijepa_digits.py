@@ -2,11 +2,13 @@ r"""I-JEPA pre-training of a small ViT on the digits images, labels unused, on a
 
     python -m vitjax.train --config configs/ijepa_digits.py --workdir workdirs/ijepa_digits
 
-Trains the 'mu/4' ViT (width 64, depth 4, 16 patches of 4x4 on 16 px images, fixed
-sin-cos position embeddings, as I-JEPA) to predict, through a 2-block predictor of
+Trains the 'mu/4' ViT (width 64, depth 4, 64 patches of 4x4 on the digits upsampled to
+32 px, fixed sin-cos position embeddings, as I-JEPA) to predict, through a 2-block predictor of
 width 32, the target encoder's representations of 4 target blocks (15-20% of the
 patches each) from a context block (85-100% of the image, the targets removed). The
-target encoder is an EMA of the context encoder (momentum 0.996 -> 1, linear).
+target encoder is an EMA of the context encoder (momentum 0.996 -> 1, linear). At 16 px
+(a 4x4 grid) a target block would be a single patch, hence 32 px: blocks of 8 patches and
+a context of 12 (`dataset.num_target_tokens`, `num_context_tokens`).
 One crop per image (scale 0.3-1), no colour augmentation: I-JEPA's point is that it
 needs none. Logged: the loss, collapse monitors (train/target_std, the spread of the
 target representations over the batch), and a weighted k-NN and a linear probe on the
@@ -17,7 +19,9 @@ Fine-tune the target encoder on 10% of the labels with
         --config configs/mae_finetune_digits.py:init=workdirs/ijepa_digits:target_encoder,pool_type=gap,posemb=sincos2d \
         --workdir workdirs/ijepa_finetune_digits
 
-Results: experiments/self_distillation.md.
+Expected (experiments/self_distillation.md, 2026-12-03): k-NN top-1 85.0% of the
+context encoder (74.4% at random initialisation); fine-tuning the target encoder on 144
+labels 84.4 +- 1.5% (3 seeds), the same as from random weights at 32 px (84.0 +- 3.5%).
 
 Arguments after the colon: `configs/ijepa_digits.py:steps=2000,predictor_depth=4`.
 """
