@@ -215,3 +215,9 @@ def test_a_missing_teacher_is_named(tmp_path):
   train_lib.train(config, workdir, progress=False)
   with pytest.raises(checkpoints_lib.CheckpointError, match="holds no 'teacher' weights"):
     checkpoints_lib.load_params_and_step(workdir, item="teacher")
+  # Through the command line: a misspelt or missing item is one line, exit status 2.
+  finetune = "configs/mae_finetune_digits.py:init="
+  assert_train_rejects(f"{finetune}{workdir}:teachr", "total_steps=2", tmp_path / "a",
+                       contains="has no weights named 'teachr'")
+  assert_train_rejects(f"{finetune}{workdir}:teacher", "total_steps=2", tmp_path / "b",
+                       contains="holds no 'teacher' weights")

@@ -38,7 +38,14 @@ ITEMS = {"params": ("params",), "ema": ("ema",), "teacher": ("task", "teacher"),
          "target_encoder": ("task", "target_encoder")}
 
 
-def load_params_and_step(workdir, step=None, *, ema=False, item="params"):
+def check_item(workdir, item):
+  """Raises `WorkdirCheckpointError` unless `item` (`ITEMS`) is a name of weights that the
+  latest checkpoint of `workdir` holds; reads the checkpoint's metadata, not its arrays."""
+  load_params_and_step(workdir, item=item, metadata_only=True)
+
+
+def load_params_and_step(workdir, step=None, *, ema=False, item="params",
+                         metadata_only=False):
   """(step, params) of the latest readable checkpoint of `workdir`, or of `step`.
 
   With `ema`, the EMA of the parameters (float32, as the run kept it) instead; a
@@ -67,14 +74,14 @@ def load_params_and_step(workdir, step=None, *, ema=False, item="params"):
       raise WorkdirCheckpointError(f"No checkpoint of step {step} in {directory}; it holds "
                                    f"steps {steps}.")
     try:
-      return step, _read_params(os.path.join(directory, str(step)), item)
+      return step, _read_params(os.path.join(directory, str(step)), item, metadata_only)
     except _Unreadable as e:
       raise WorkdirCheckpointError(
           f"The checkpoint of step {step} cannot be read: {e}.") from None
   failures = []
   for candidate in reversed(steps):
     try:
-      params = _read_params(os.path.join(directory, str(candidate)), item)
+      params = _read_params(os.path.join(directory, str(candidate)), item, metadata_only)
     except _Unreadable as e:
       failures.append(f"step {candidate}: {e}")
       continue
@@ -87,7 +94,7 @@ def load_params_and_step(workdir, step=None, *, ema=False, item="params"):
                                + "\n  ".join(failures))
 
 
-def _read_params(step_directory, item="params"):
+def _read_params(step_directory, item="params", metadata_only=False):
   """The parameters (`item` 'params') or their EMA ('ema') of one checkpoint, as numpy.
 
   Raises `_Unreadable`, or `WorkdirCheckpointError` for a readable checkpoint without an EMA.
@@ -105,10 +112,11 @@ def _read_params(step_directory, item="params"):
   else:
     no_ema = WorkdirCheckpointError(
         f"{state_directory} holds no {item!r} weights: its run's task did not keep them "
-        f"({item!r} is config.task='{'dino' if item == 'teacher' else 'ijepa'}''s). Load its "
+        f"(config.task={'dino' if item == 'teacher' else 'ijepa'!r} keeps them). Load its "
         "parameters (the workdir without ':" + item + "').")
   try:
-    check_readable(state_directory, prefixes=(".".join(path).encode() + b".",))
+    if not metadata_only:
+      check_readable(state_directory, prefixes=(".".join(path).encode() + b".",))
     # The handler alone, not a CheckpointManager: a read-only manager logs warnings
     # ('Given directory is read only') on every load.
     handler = ocp.PyTreeCheckpointHandler()
@@ -123,6 +131,8 @@ def _read_params(step_directory, item="params"):
         if not isinstance(subtree, dict) or key not in subtree:
           raise no_ema
         subtree = subtree[key]
+      if metadata_only:
+        return None
       as_numpy = lambda _: ocp.RestoreArgs(restore_type=np.ndarray)
       nest = lambda value: functools.reduce(lambda inner, key: {key: inner}, reversed(path),
                                             value)

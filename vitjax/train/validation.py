@@ -351,10 +351,16 @@ def check_init(config):
     for tower, path in paths.items():
       if not path or os.path.exists(os.path.expanduser(os.fspath(path))):
         continue
-      workdir = os.path.expanduser(os.fspath(path)).rpartition(":")[0]
-      if workdir and os.path.isdir(os.path.join(workdir, "checkpoints")):
-        continue  # 'WORKDIR:teacher': the name is checked when the weights are read.
       name = f"config.{key}" + (f".{tower}" if tower else "")
+      workdir, _, item = os.path.expanduser(os.fspath(path)).rpartition(":")
+      if workdir and os.path.isdir(os.path.join(workdir, "checkpoints")):
+        # 'WORKDIR:teacher': other weights of a run, named and present.
+        from vitjax.convert import workdir_checkpoints  # pylint: disable=g-import-not-at-top
+        try:
+          workdir_checkpoints.check_item(workdir, item)
+        except workdir_checkpoints.WorkdirCheckpointError as e:
+          raise ConfigError(f"{name}={os.fspath(path)!r}: {e}") from None
+        continue
       where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
       scratch = "" if key == "teacher.init" else f"; or {name}=None to start from scratch"
       raise ConfigError(
