@@ -10,13 +10,16 @@ FINETUNE=configs/mae_finetune_digits.py
 IJEPA_VIT=image_size=32,pool_type=gap,posemb=sincos2d  # I-JEPA's encoder, on 32 px digits.
 
 if [ "${1:-all}" != finetune ]; then
-  $PYTHON -m vitjax.train --config configs/dino_digits.py --workdir workdirs/dino_digits
-  $PYTHON -m vitjax.train --config configs/dino_digits.py:method=ibot --workdir workdirs/ibot_digits
+  $PYTHON -m vitjax.train --config configs/dino_digits.py --workdir workdirs/dino_digits_3000
+  $PYTHON -m vitjax.train --config configs/dino_digits.py:steps=1000 --workdir workdirs/dino_digits
+  $PYTHON -m vitjax.train --config configs/dino_digits.py:method=ibot,steps=1000 --workdir workdirs/ibot_digits
   $PYTHON -m vitjax.train --config configs/ijepa_digits.py --workdir workdirs/ijepa_digits
 fi
 
 for seed in 0 1 2; do
   $PYTHON -m vitjax.train --config "$FINETUNE:scratch,seed=$seed" --workdir "workdirs/scratch16_$seed"
+  $PYTHON -m vitjax.train --config "$FINETUNE:init=workdirs/dino_digits_3000:teacher,seed=$seed" \
+    --workdir "workdirs/dino3000_finetune_$seed"
   $PYTHON -m vitjax.train --config "$FINETUNE:init=workdirs/dino_digits:teacher,seed=$seed" \
     --workdir "workdirs/dino_finetune_$seed"
   $PYTHON -m vitjax.train --config "$FINETUNE:init=workdirs/ibot_digits:teacher,seed=$seed" \
