@@ -165,12 +165,7 @@ def update_center(center, teacher_logits, momentum, mask=None):
   """
   center = jnp.asarray(center, jnp.float32)
   logits = jnp.asarray(teacher_logits, jnp.float32)
-  rows = logits.reshape(-1, logits.shape[-1])
-  if mask is None:
-    batch_mean = jnp.mean(rows, axis=0)
-  else:
-    valid = jnp.broadcast_to(mask, logits.shape[:-1]).reshape(-1, 1).astype(jnp.float32)
-    batch_mean = jnp.sum(rows * valid, axis=0) / jnp.maximum(jnp.sum(valid), 1.0)
+  batch_mean = _row_mean(logits, mask)
   new = center * momentum + batch_mean.reshape(center.shape) * (1.0 - momentum)
   return jax.lax.stop_gradient(new)
 
@@ -237,13 +232,7 @@ def mean_distribution_entropy(teacher_probs, mask=None):
     A float32 scalar, in nats.
   """
   probs = jnp.asarray(teacher_probs, jnp.float32)
-  rows = probs.reshape(-1, probs.shape[-1])
-  if mask is None:
-    mean = jnp.mean(rows, axis=0)
-  else:
-    valid = jnp.broadcast_to(mask, probs.shape[:-1]).reshape(-1, 1).astype(jnp.float32)
-    mean = jnp.sum(rows * valid, axis=0) / jnp.maximum(jnp.sum(valid), 1.0)
-  return _entropy(mean)
+  return _entropy(_row_mean(probs, mask))
 
 
 def teacher_student_kl(student_logits, teacher_probs, student_temperature):
@@ -291,6 +280,15 @@ def _num_pairs(shape):
     raise ValueError(f"{teacher_views} teacher and {student_views} student views leave no "
                      f"pair of different views: DINO needs at least two views.")
   return pairs
+
+
+def _row_mean(x, mask=None):
+  """[K]: the mean of the rows of x [..., K], over the `mask` [...] rows only if given."""
+  rows = x.reshape(-1, x.shape[-1])
+  if mask is None:
+    return jnp.mean(rows, axis=0)
+  valid = jnp.broadcast_to(mask, x.shape[:-1]).reshape(-1, 1).astype(jnp.float32)
+  return jnp.sum(rows * valid, axis=0) / jnp.maximum(jnp.sum(valid), 1.0)
 
 
 def _entropy(probs):
