@@ -27,6 +27,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4,<0.9",
     "tensorboardX>=2.6,<3",  # TensorBoard event files without TensorFlow.
     "regex>=2023.0,<2027",  # Unicode classes in CLIP's BPE pre-tokenizer (vitjax.text.clip_bpe).
+    "qwix>=0.1.8,<0.2",  # Post-training quantization (vitjax.quantize); imported only there.
 ]
 
 EXTRAS_REQUIRE = {
@@ -34,7 +35,8 @@ EXTRAS_REQUIRE = {
     # `make test` installs torch==2.13.0 first so that pip does not pull a CUDA build.
     "test": ["pytest>=8.0,<10", "pytest-xdist>=3.5,<4", "torch>=2.4,<3",
              "transformers>=4.46,<6",
-             "diffusers>=0.30,<0.43"],  # DiT and AutoencoderKL: the oracles of vitjax.diffusion.
+             "diffusers>=0.30,<0.43",  # DiT and AutoencoderKL: the oracles of vitjax.diffusion.
+             "peft>=0.13,<0.22"],  # LoRA on transformers' ViT: the oracle of vitjax.adapt.
 }
 
 setuptools.setup(
