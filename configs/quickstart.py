@@ -56,6 +56,7 @@ def get_config(arg=None):
       interpolation="bilinear",
       preprocess_from_model="",  # 'model': mean/std/crop_pct of config.model.name; or a name.
       skip_bad_images=False,  # True: undecodable records are replaced and counted.
+      classes=None,  # e.g. (5, 6, 7, 8, 9): only those labels, renumbered 0..4 (every split).
   )
 
   config.model = dict(
@@ -76,6 +77,19 @@ def get_config(arg=None):
   )
   config.init = None  # Optional weights to start from: any vitjax.load_weights source.
   config.init_head = "reinit"  # 'reinit': a fresh head; 'error': the head must fit.
+  # Parameter-efficient fine-tuning (vitjax/adapt): all off. LoRA on the dense layers whose
+  # path matches `targets` (rank > 0), VPT prompt tokens (num_tokens > 0, `deep` for every
+  # block), AdaptFormer MLP adapters (dim > 0); only they and `train` (a regex of parameter
+  # names; None: '^head/' when an adapter is on) train. `train` alone: BitFit
+  # ('^head/|/bias$'), norm tuning ('^head/|LayerNorm|encoder_norm'), a linear probe
+  # ('^head/'). configs/adapt_digits.py uses each.
+  config.peft = dict(
+      lora=dict(rank=0, alpha=None, dropout=0.0,
+                targets="MultiHeadDotProductAttention_0/(query|value)$"),
+      prompts=dict(num_tokens=0, deep=False, dropout=0.0),
+      adapter=dict(dim=0, scale=0.1, targets="encoderblock[^/]*/MlpBlock_0$"),
+      train=None,
+  )
 
   config.task = "supervised"
   config.evaluators = None  # {name: options}; None runs the task's default (classification).

@@ -33,6 +33,7 @@ evaluation batches are as without it.
 import dataclasses
 import functools
 import math
+import numbers
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -165,6 +166,12 @@ class InputConfig:
       on the host, in place of `image`; its crops have their own flip. None (the
       default): off. It replaces the other training augmentations, and
       device_preprocess does not apply.
+    classes: keep only the images of these labels (the dataset's own label ids),
+      in every split (train, eval, and the unaugmented train pass of few-shot and
+      probe evaluators), relabelled 0..K-1 in the order given: (5, 6, 7, 8, 9)
+      makes the digits 5-9 labels 0-4 and `Dataset.num_classes` 5. None (the
+      default): every label. Digits, image folders and labelled WebDataset shards;
+      not TFDS datasets, whose labels cannot be listed without reading every record.
   """
   image_size: int | None = None
   random_crop_padding: int = 0
@@ -198,6 +205,7 @@ class InputConfig:
   skip_bad_images: bool = False
   packing: Any = None
   multicrop: Any = None
+  classes: Sequence[int] | None = None
 
   @classmethod
   def from_config(cls, input_config: Any) -> "InputConfig":
@@ -209,6 +217,11 @@ class InputConfig:
       values[field.name] = field.default if value is None else value
     values["mean"] = tuple(np.atleast_1d(values["mean"]).tolist())
     values["std"] = tuple(np.atleast_1d(values["std"]).tolist())
+    classes = values["classes"]
+    if isinstance(classes, np.ndarray):
+      classes = classes.tolist()
+    if isinstance(classes, (list, tuple)):  # NumPy integers become ints.
+      values["classes"] = tuple(c.item() if isinstance(c, np.generic) else c for c in classes)
     return cls(**values)
 
   def __post_init__(self):
@@ -232,6 +245,8 @@ class InputConfig:
                        f"not {self.repeated_augmentation}.")
     if self.has_multicrop:
       self._check_multicrop()
+    if self.classes is not None:
+      check_class_ids(self.classes)
 
   @property
   def has_multicrop(self) -> bool:
@@ -264,6 +279,82 @@ class InputConfig:
   @property
   def mixes(self) -> bool:
     return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+
+class ClassesError(ValueError):
+  """input.classes that the dataset cannot keep: labels it lacks, or a TFDS dataset."""
+
+
+_CLASSES_FIX = ("Give distinct label ids of the dataset, e.g. "
+                "--config.input.classes='(5,6,7,8,9)', or None for every label.")
+
+
+def check_class_ids(class_ids: Any):
+  """input.classes' form: a non-empty sequence of distinct integer label ids >= 0."""
+  problem = None
+  if isinstance(class_ids, (str, bytes)) or not isinstance(class_ids, Sequence):
+    problem = "is not a sequence of label ids"
+  elif not class_ids:
+    problem = "is empty: it would keep no image"
+  elif not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in class_ids):
+    others = [c for c in class_ids if not isinstance(c, numbers.Integral) or isinstance(c, bool)]
+    problem = f"holds {', '.join(map(repr, others))}: label ids are integers"
+  elif min(class_ids) < 0:
+    problem = f"holds {', '.join(str(c) for c in class_ids if c < 0)}: label ids are >= 0"
+  elif len(set(class_ids)) < len(class_ids):
+    repeated = sorted({c for c in class_ids if list(class_ids).count(c) > 1})
+    problem = f"repeats {', '.join(map(str, repeated))}: each label can be kept once"
+  if problem:
+    raise ValueError(f"input.classes={class_ids!r} {problem}. {_CLASSES_FIX}")
+
+
+def class_subset(labels: np.ndarray, class_ids: Sequence[int], num_classes: int, *,
+                 dataset: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """input.classes over one split: (indices of the examples kept, their new labels).
+
+  The examples whose label is in `class_ids`, in their order in the split; label
+  class_ids[k] becomes k. `num_classes` is the dataset's: ids beyond it are errors.
+  """
+  check_class_ids(class_ids)
+  missing = [c for c in class_ids if c >= num_classes]
+  if missing:
+    raise ClassesError(
+        f"input.classes={tuple(class_ids)!r}: dataset {dataset!r} has labels 0..{num_classes - 1}, "
+        f"not {', '.join(map(str, missing))}. {_CLASSES_FIX}")
+  labels = np.asarray(labels, np.int64)
+  table = np.full(max(num_classes, int(labels.max(initial=-1)) + 1), -1, np.int64)
+  table[list(class_ids)] = np.arange(len(class_ids))
+  new_labels = table[labels]
+  kept = np.flatnonzero(new_labels >= 0)
+  if not len(kept):
+    raise ClassesError(
+        f"input.classes={tuple(class_ids)!r}: split {split!r} of dataset {dataset!r} holds no "
+        "image of these labels. Keep labels the split has, or take a larger split.")
+  return kept, new_labels[kept].astype(np.int32)
+
+
+def refuse_tfds_classes(name: str, class_ids: Sequence[int] | None):
+  """TFDS datasets do not take input.classes: their labels are in the records."""
+  if class_ids is not None:
+    raise ClassesError(
+        f"input.classes={tuple(class_ids)!r}: TFDS dataset {name!r} cannot keep a subset of "
+        "its labels (they are not listed without reading every record). input.classes "
+        "works on the digits, image folders (folder:PATH) and labelled WebDataset shards "
+        "(wds:PATTERN); for a TFDS dataset set --config.input.classes=None.")
+
+
+def _record_subset(source: sources.RecordSource, class_ids: Sequence[int], num_classes: int,
+                   name: str) -> sources.ClassSubset:
+  """input.classes over a split read from disk: an index filter over its listed labels."""
+  labels = getattr(source, "labels", None)
+  if labels is None or not getattr(source, "has_labels", True):
+    raise ClassesError(
+        f"input.classes={tuple(class_ids)!r}: split {source.split!r} of {name!r} has no "
+        "label for every record (WebDataset shards need a .cls file per sample). Set "
+        "--config.input.classes=None.")
+  kept, new_labels = class_subset(labels, class_ids, num_classes, dataset=name,
+                                  split=source.split)
+  return sources.ClassSubset(source, class_ids, kept, new_labels)
 
 
 def _to_pil(image: np.ndarray) -> Image.Image:
@@ -361,6 +452,8 @@ class Dataset:
     name: the dataset's name.
     num_classes: number of label classes.
     classes: class names where the data has them (image folders), else None.
+    class_ids: with input.classes, the dataset's own label of each label
+      0..num_classes-1 (input.classes itself); else None.
     num_train, num_eval: examples in the train and eval splits.
     image_shape: (H, W, C) of the images in every batch.
     bad_images_skipped: undecodable records skipped so far (input.skip_bad_images),
@@ -381,7 +474,8 @@ class Dataset:
   def __init__(self, name: str, *, train_source: Source, eval_source: Source,
                num_classes: int, image_size: int, input_config: InputConfig,
                num_threads: int = 0, train_eval_source: Source | None = None,
-               classes: Sequence[str] | None = None):
+               classes: Sequence[str] | None = None,
+               class_ids: Sequence[int] | None = None):
     """Sources' images: float32 [image_size, image_size, C] in [0, 1].
 
     `train_eval_source` is the train split with the eval preprocessing (for
@@ -390,6 +484,7 @@ class Dataset:
     self.name = name
     self.num_classes = num_classes
     self.classes = list(classes) if classes is not None else None
+    self.class_ids = tuple(class_ids) if class_ids is not None else None
     self.num_train = len(train_source)
     self.num_eval = len(eval_source)
     self.image_shape = (image_size, image_size, input_config.channels)
@@ -783,8 +878,14 @@ def _digits_dataset(config: Any, input_config: InputConfig) -> Dataset:
   image_size = input_config.image_size or digits.IMAGE_SHAPE[0]
   interpolation = input_config.interpolation
 
+  class_ids = input_config.classes
+
   def source(split: str, crop_pct: float = 1.0) -> ArraySource:
     images, labels = digits.load_digits(split)
+    if class_ids is not None:
+      kept, labels = class_subset(labels, class_ids, digits.NUM_CLASSES, dataset="digits",
+                                  split=split)
+      images = images[kept]
     # Resized once here rather than per batch: the whole split is ~20 MB.
     return ArraySource(preprocess.resize_shorter_side_and_center_crop(
         images, image_size, crop_pct, interpolation), labels)
@@ -796,8 +897,9 @@ def _digits_dataset(config: Any, input_config: InputConfig) -> Dataset:
       train_source=source(train_split),
       eval_source=source(_get(config, "eval_split") or "test", crop_pct),
       train_eval_source=source(train_split, crop_pct) if crop_pct < 1 else None,
-      num_classes=digits.NUM_CLASSES, image_size=image_size,
-      input_config=input_config, num_threads=input_config.num_threads or 0)
+      num_classes=len(class_ids) if class_ids is not None else digits.NUM_CLASSES,
+      image_size=image_size, input_config=input_config,
+      num_threads=input_config.num_threads or 0, class_ids=class_ids)
 
 
 def _disk_dataset(name: str, train: sources.RecordSource, eval_source: sources.RecordSource,
@@ -805,16 +907,24 @@ def _disk_dataset(name: str, train: sources.RecordSource, eval_source: sources.R
   num_threads = input_config.num_threads
   if num_threads is None:
     num_threads = min(8, os.cpu_count() or 1)
+  class_ids = input_config.classes
+  if class_ids is not None:
+    num_classes = train.num_classes
+    train, eval_source = (_record_subset(source, class_ids, num_classes, name)
+                          for source in (train, eval_source))
+    classes = [classes[c] for c in class_ids] if classes is not None else None
   return Dataset(
       name, train_source=train, eval_source=eval_source,
       train_eval_source=train.resized(input_config.crop_pct, input_config.interpolation),
       num_classes=train.num_classes, image_size=train.image_size,
-      input_config=input_config, num_threads=num_threads, classes=classes)
+      input_config=input_config, num_threads=num_threads, classes=classes,
+      class_ids=class_ids)
 
 
 def _tfds_dataset(name: str, config: Any, input_config: InputConfig) -> Dataset:
   # Imported here: digits and file datasets never load tensorflow_datasets.
   from vitjax.data import tfds as tfds_data  # pylint: disable=g-import-not-at-top
+  refuse_tfds_classes(name, input_config.classes)
   data_dir = _get(config, "data_dir")
   options = dict(image_key=input_config.image_key,
                  label_key=input_config.label_key,

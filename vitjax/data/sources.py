@@ -207,3 +207,49 @@ class RecordSource:
     """Reads and decodes: (float32 [n, S, S, C] in [0, 1], int32 labels [n])."""
     result = self.load_tracked(indices)
     return result.images, result.labels
+
+
+class ClassSubset(RecordSource):
+  """The records of `source` whose labels are in `class_ids`, relabelled 0..K-1 in that order.
+
+  config.input.classes on datasets read from disk: `source` must list its labels
+  without decoding (`source.labels`: image folders, WebDataset shards), so the subset
+  is an index filter. Bad records are skipped within the subset, so a replacement
+  always has one of the kept labels.
+  """
+
+  def __init__(self, source: RecordSource, class_ids, kept: np.ndarray, labels: np.ndarray):
+    """`kept`: the records of `source` to keep, in order; `labels`: their new labels."""
+    super().__init__(name=source.name, split=source.split, num_classes=len(class_ids),
+                     image_size=source.image_size, channels=source.channels,
+                     crop_pct=source.crop_pct, interpolation=source.interpolation,
+                     skip_bad_images=source.skip_bad_images)
+    self.source = source
+    self.class_ids = tuple(class_ids)
+    self._kept = np.asarray(kept, np.int64)
+    self._labels = np.asarray(labels, np.int32)
+
+  def __len__(self) -> int:
+    return len(self._kept)
+
+  @property
+  def labels(self) -> np.ndarray:
+    return self._labels
+
+  @property
+  def has_captions(self) -> bool:
+    return bool(getattr(self.source, "has_captions", False))
+
+  @property
+  def num_cut(self) -> int:
+    return getattr(self.source, "num_cut", 0)
+
+  def captions(self, indices: np.ndarray) -> list[str]:
+    return self.source.captions(self._kept[np.asarray(indices, np.int64)])
+
+  def _where(self, index: int) -> str:
+    return self.source._where(int(self._kept[index]))  # pylint: disable=protected-access
+
+  def _record(self, index: int) -> tuple[np.ndarray, int]:
+    image, _ = self.source._record(int(self._kept[index]))  # pylint: disable=protected-access
+    return image, int(self._labels[index])

@@ -104,7 +104,7 @@ def _run(args, overrides):
   config_lib.apply_overrides(config, overrides)
   try:
     tasks_base.build_model(config)  # An unknown model fails before the workdir exists.
-  except models.UnknownModelError:
+  except (models.UnknownModelError, config_lib.ConfigError):
     raise
   # An option or a variant the model does not take; any other TypeError is a bug (exit 1).
   except (models.UnknownOptionError, ValueError) as e:

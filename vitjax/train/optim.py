@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import optax
 
+from vitjax import adapt
 from vitjax import config as config_lib
 
 # The names config.optimizer.name and config.optimizer.schedule take (validation reads them too).
@@ -144,6 +145,8 @@ def make_optimizer(config, params):
   first match wins), both over names like 'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel',
   and `layer_decay` (a float < 1: layer-wise learning-rate decay, see
   layer_decay_multipliers; its factors multiply those of lr_multipliers).
+  With `config.peft` on (vitjax.adapt), only the adapters and `config.peft.train`'s
+  names train; `freeze` can freeze some of those too.
   """
   opt = config.optimizer
   schedule = make_schedule(config)
@@ -167,12 +170,25 @@ def make_optimizer(config, params):
     tx = optax.chain(tx, scale_by_tree(factors))
   if opt.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
-  if opt.get("freeze"):
-    frozen = frozen_mask(params, opt.freeze)
+  frozen = frozen_mask(params, opt.freeze) if opt.get("freeze") else None
+  if frozen is not None and all(jax.tree_util.tree_leaves(frozen)):
+    raise config_lib.ConfigError(
+        f"config.optimizer.freeze={opt.freeze!r} freezes every parameter; nothing would "
+        f"be trained. Narrow the pattern(s), e.g. '^Transformer/' keeps the head trained.")
+  peft = config.get("peft")
+  if peft and adapt.enabled(peft):  # Only the adapters and config.peft.train's names train.
+    try:
+      trains = adapt.trainable_mask(params, peft)
+    except ValueError as e:
+      raise config_lib.ConfigError(str(e)) from None
+    peft_frozen = jax.tree_util.tree_map(lambda t: not t, trains)
+    frozen = peft_frozen if frozen is None else jax.tree_util.tree_map(
+        lambda a, b: a or b, frozen, peft_frozen)
     if all(jax.tree_util.tree_leaves(frozen)):
       raise config_lib.ConfigError(
-          f"config.optimizer.freeze={opt.freeze!r} freezes every parameter; nothing would "
-          f"be trained. Narrow the pattern(s), e.g. '^Transformer/' keeps the head trained.")
+          "config.optimizer.freeze freezes every parameter config.peft trains; nothing would "
+          "be trained. Narrow config.optimizer.freeze.")
+  if frozen is not None:
     labels = jax.tree_util.tree_map(lambda f: "frozen" if f else "trained", frozen)
     # Frozen gradients neither count in the clipping norm nor get optimizer state.
     tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)

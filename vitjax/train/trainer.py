@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitjax import adapt
 from vitjax import evaluate as evaluate_lib
 from vitjax import models
 from vitjax import xla_options
@@ -250,8 +251,11 @@ def _init_state(config, model, mesh, rng):
   init_path = config.get("init")
   if init_path:
     from vitjax import convert  # pylint: disable=g-import-not-at-top
-    loaded = convert.load_weights(model, init_path,
+    base = adapt.base_model(model)  # With config.peft: the base weights, then the adapters.
+    loaded = convert.load_weights(base, init_path,
                                   head=config.get("init_head", "error"), rng=init_rng)
+    if base is not model:
+      loaded = adapt.combine(params, loaded)
     params = jax.device_put(loaded, param_shardings)
   tx, schedule = optim.make_optimizer(config, params)
   opt_shardings = sharding_lib.like_params(jax.eval_shape(tx.init, params), params,

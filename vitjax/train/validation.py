@@ -15,9 +15,11 @@ In order, cheapest first:
   * the model's options, by tracing its init (`jax.eval_shape`, nothing compiled or
     allocated), and `input.packing` against the model (NaViT only);
   * the dataset and its splits (digits, or a prepared TFDS dataset), `input.packing`'s
-    values, and `model.num_classes` against its classes: fewer is an error (labels
-    without a logit); more is allowed, as in transfer setups that keep a wider head;
-  * freeze / lr_multipliers / layer_decay against the model's parameter names.
+    values, `input.classes` against the dataset's labels, and `model.num_classes`
+    against its classes (K with input.classes): fewer is an error (labels without a
+    logit); more is allowed, as in transfer setups that keep a wider head;
+  * freeze / lr_multipliers / layer_decay, and config.peft's trained names, against the
+    model's parameter names.
 """
 
 import difflib
@@ -29,6 +31,7 @@ from typing import Any, Callable, NamedTuple
 import flax.linen as nn
 import jax
 
+from vitjax import adapt
 from vitjax import config as config_lib
 from vitjax.convert import checkpoint as convert_checkpoint
 from vitjax.data import augment
@@ -370,10 +373,15 @@ def check_init(config):
 
 
 def check_dataset(config):
-  """The dataset and its splits exist (digits, or prepared TFDS); num_classes covers them."""
+  """The dataset and its splits exist (digits, or prepared TFDS); num_classes covers them.
+
+  With input.classes, the kept labels exist in the dataset, each split keeps an
+  image, and model.num_classes is checked against their number K.
+  """
   name = config.get("dataset") or "digits"
   splits = {"train_split": config.get("train_split") or "train",
             "eval_split": config.get("eval_split") or "test"}
+  from vitjax.data import pipeline  # pylint: disable=g-import-not-at-top
   from vitjax.data.pipeline import InputConfig  # pylint: disable=g-import-not-at-top
   try:
     input_config = InputConfig.from_config(config.get("input"))
@@ -385,33 +393,49 @@ def check_dataset(config):
       packing_config(config)
     except (ValueError, TypeError) as e:
       raise ConfigError(f"config.{e}") from None
+  class_ids = input_config.classes
   if name == "digits":
     from vitjax.data import digits  # pylint: disable=g-import-not-at-top
     for key, split in splits.items():
       try:
-        digits.load_digits(split)  # 8x8 images, in memory: cheap.
+        _, labels = digits.load_digits(split)  # 8x8 images, in memory: cheap.
       except ValueError as e:
         raise ConfigError(f"config.{key}={split!r}: {e}") from None
-    num_classes = digits.NUM_CLASSES
+      if class_ids is not None:
+        try:
+          pipeline.class_subset(labels, class_ids, digits.NUM_CLASSES, dataset=name,
+                                split=split)
+        except pipeline.ClassesError as e:
+          raise ConfigError(f"config.{e}") from None
+    num_classes = digits.NUM_CLASSES if class_ids is None else len(class_ids)
   elif name.startswith(("folder:", "wds:")):
-    num_classes = _check_files(config, name)
+    num_classes = _check_files(config, name)  # The pipeline's: K with input.classes.
   else:
     num_classes = _check_tfds(config, name, splits, input_config)
+    try:
+      pipeline.refuse_tfds_classes(name, class_ids)
+    except pipeline.ClassesError as e:
+      raise ConfigError(f"config.{e}") from None
   model_classes = lookup(config, "model.num_classes")
   # More outputs than classes trains (the extra logits learn to stay low), so it is allowed.
   if _is_int(model_classes) and 0 < model_classes < num_classes:
+    has = (f"dataset {name!r} has {num_classes} classes" if class_ids is None else
+           f"config.input.classes={tuple(class_ids)!r} keeps {num_classes} classes of "
+           f"dataset {name!r}")
     raise ConfigError(
-        f"config.model.num_classes={model_classes} but dataset {name!r} has {num_classes} "
-        f"classes: labels >= {model_classes} would have no logit. Set "
-        f"--config.model.num_classes={num_classes}.")
+        f"config.model.num_classes={model_classes} but {has}: labels >= {model_classes} "
+        f"would have no logit. Set --config.model.num_classes={num_classes}.")
 
 
 def _check_files(config, name):
   """Opens an image folder or WebDataset shards as the pipeline will (listing and index only)."""
   from vitjax import data  # pylint: disable=g-import-not-at-top
   from vitjax.data import folder, sources, webdataset  # pylint: disable=g-import-not-at-top
+  from vitjax.data import pipeline  # pylint: disable=g-import-not-at-top
   try:
     return data.get_dataset(config).num_classes
+  except pipeline.ClassesError as e:  # Its message starts with the key: 'input.classes=...'.
+    raise ConfigError(f"config.{e}") from None
   except (folder.FolderError, sources.SplitError, webdataset.ShardError,
           data.BadImageError) as e:
     raise ConfigError(f"config.dataset={name!r}: {e}") from None
@@ -461,6 +485,8 @@ def check_model(config):
     model = tasks_base.build_model(config)
     shapes = models.param_shapes(model)
   except models.UnknownModelError:
+    raise
+  except ConfigError:
     raise
   except (ValueError, models.UnknownOptionError) as e:  # Any other TypeError is a bug.
     raise ConfigError(f"config.model: {e}") from None
@@ -512,6 +538,8 @@ def check_parameter_patterns(config, params):
   allocated. Skipped when none of the three is set, as nothing else needs the names.
   """
   opt = config.get("optimizer")
-  if not opt or not any(opt.get(key) for key in ("freeze", "lr_multipliers", "layer_decay")):
+  peft = config.get("peft")
+  if not opt or not (any(opt.get(key) for key in ("freeze", "lr_multipliers", "layer_decay"))
+                     or (peft and adapt.enabled(peft))):
     return
   optim.make_optimizer(config, params)

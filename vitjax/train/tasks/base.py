@@ -5,18 +5,27 @@ import contextlib
 import jax
 import jax.numpy as jnp
 
+from vitjax import adapt
 from vitjax import config as config_lib
 from vitjax import models
 
 
 def build_model(config):
-  """The model named by `config.model.name`, built from the other `config.model` keys."""
+  """The model named by `config.model.name`, built from the other `config.model` keys,
+  with `config.peft`'s adapters (LoRA, prompts, AdaptFormer) if it has any."""
   options = dict(config.model)
   name = options.pop("name")
   for key in ("dtype", "param_dtype"):
     if isinstance(options.get(key), str):
       options[key] = jnp.dtype(options[key])
-  return models.create_model(name, **options)
+  model = models.create_model(name, **options)
+  peft = config.get("peft")
+  try:
+    if peft and adapt.has_adapters(peft):
+      model = adapt.adapted(model, peft)
+  except ValueError as e:  # Its messages name the config.peft key.
+    raise config_lib.ConfigError(str(e)) from None
+  return model
 
 
 # The `out['aux_loss']` dicts of the forward passes of the loss being traced (a stack:

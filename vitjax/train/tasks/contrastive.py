@@ -167,6 +167,9 @@ class Contrastive(Task):
       raise ValueError(f"The tokenizer has {tokenizer.vocab_size} tokens but the text tower "
                        f"vocab_size={vocab_size}: set config.model.text.vocab_size.")
     class_names = self.options.get("class_names") or DIGIT_NAMES
+    if getattr(dataset, "class_ids", None) is not None and not self.options.get("class_names"):
+      # input.classes keeps and renumbers some labels: label k is the id class_ids[k].
+      class_names = [class_names[i] for i in dataset.class_ids]
     templates = self.options.get("templates") or DIGIT_TEMPLATES
     eval_template = self.options.get("eval_template", 0)
     return CaptionedDataset(dataset, class_names, templates, tokenizer, eval_template)
