@@ -40,6 +40,33 @@ def test_dense_value_and_gradients_match_numpy(shape):
   np.testing.assert_allclose(dbias, g_rows.sum(0), atol=1e-5)
 
 
+@pytest.mark.parametrize("contract,kernel_shape", [(1, (6, 2, 3)), (2, (2, 3, 5))])
+def test_dense_contracts_several_kernel_axes_with_the_same_value_and_gradients(
+    contract, kernel_shape):
+  # The attention projections pass their kernels unreshaped: (width, heads, head_dim)
+  # contracts one axis, (heads, head_dim, width) two; bias is the kernel's output shape.
+  keys = jax.random.split(jax.random.key(3), 4)
+  x = jax.random.normal(keys[0], (2, 4) + kernel_shape[:contract])
+  kernel = jax.random.normal(keys[1], kernel_shape)
+  bias = jax.random.normal(keys[2], kernel_shape[contract:])
+  out_shape = x.shape[:x.ndim - contract] + kernel_shape[contract:]
+  cotangent = jax.random.normal(keys[3], out_shape)
+  value, pullback = jax.vjp(lambda *a: ops.dense(*a, contract=contract), x, kernel, bias)
+  dx, dkernel, dbias = pullback(cotangent)
+  features_in = math.prod(kernel_shape[:contract])
+  x64 = np.asarray(x, np.float64).reshape(-1, features_in)
+  k64 = np.asarray(kernel, np.float64).reshape(features_in, -1)
+  g64 = np.asarray(cotangent, np.float64).reshape(x64.shape[0], -1)
+  assert value.shape == out_shape
+  np.testing.assert_allclose(value.reshape(x64.shape[0], -1),
+                             x64 @ k64 + np.asarray(bias).reshape(-1), atol=1e-5)
+  np.testing.assert_allclose(dx.reshape(x64.shape), g64 @ k64.T, atol=1e-5)
+  np.testing.assert_allclose(dkernel.reshape(k64.shape), x64.T @ g64, atol=1e-5)
+  np.testing.assert_allclose(dbias.reshape(-1), g64.sum(0), atol=1e-5)
+  with pytest.raises(ValueError, match="do not match"):
+    ops.dense(x, kernel.reshape(-1, kernel_shape[-1])[:1], None, contract=contract)
+
+
 def test_dense_without_bias_is_the_matmul():
   x, kernel, _, cotangent = _inputs()
   value, pullback = jax.vjp(ops.dense, x, kernel)

@@ -26,8 +26,9 @@ The adapters are added by flax method interceptors around the model's own module
 parameters sit next to those they adapt (`.../query/lora_a`, `.../MlpBlock_0/
 adapter_up_kernel`, `Transformer/vpt_prompts`). Files: `save_adapter` writes only the
 adapter parameters (and those `train` names); `merge` folds LoRA into the kernels, and
-`vitjax.save_weights` then writes a plain model; `vitjax.adapt.peft` exports LoRA in the
-`peft` library's format for the equivalent transformers model.
+`vitjax.save_weights` then writes a plain model; `vitjax.adapt.peft` (import it:
+`from vitjax.adapt import peft`) exports LoRA in the `peft` library's format for the
+equivalent transformers model, and loads such adapters.
 """
 
 import json

@@ -165,8 +165,7 @@ class HeadProjection(nn.Module):
                        (self.num_heads, self.head_dim), self.param_dtype)
             if self.use_bias else None)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = ops.dense(x, kernel.reshape(x.shape[-1], -1), None if bias is None else bias.reshape(-1))
-    return y.reshape(y.shape[:-1] + (self.num_heads, self.head_dim))
+    return ops.dense(x, kernel, bias)
 
 
 class OutProjection(nn.Module):
@@ -185,6 +184,4 @@ class OutProjection(nn.Module):
                        self.param_dtype)
             if self.use_bias else None)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    heads_and_dims = x.shape[-2] * x.shape[-1]
-    return ops.dense(x.reshape(x.shape[:-2] + (heads_and_dims,)),
-                     kernel.reshape(heads_and_dims, self.features), bias)
+    return ops.dense(x, kernel, bias, contract=2)

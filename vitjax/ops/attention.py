@@ -38,11 +38,21 @@ def attention_weights(q, k, *, bias=None, mask=None, causal=False, scale=None):
   return weights
 
 
+def post_softmax(weights):
+  """The attention weights as `attention_output` multiplies them: here, unchanged.
+
+  A hook for post-training quantization: while a quantized model runs, vitjax.quantize
+  replaces it with a quantizer made for softmax outputs (log2 levels in [0, 1]).
+  """
+  return weights
+
+
 def attention_output(weights, v):
   """Weights (batch, heads, q_len, k_len) applied to values (batch, k_len, heads, head_dim)."""
   # Values head-major, as the weights are: the same products, but XLA:CPU ran the backward
   # of "bhqk,bkhd->bqhd" slower (ViT-S/16 attention; the figure is in BENCHMARKS.md).
-  out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), jnp.swapaxes(v, 1, 2))
+  out = jnp.einsum("bhqk,bhkd->bhqd", post_softmax(weights.astype(v.dtype)),
+                   jnp.swapaxes(v, 1, 2))
   return jnp.swapaxes(out, 1, 2)
 
 
