@@ -20,7 +20,13 @@ their test images. `method`:
   adapter     AdaptFormer adapters of width `dim` beside every MLP, and the head
 
 Other arguments: `variant` / `image_size` (the pre-trained model's), `steps`, `lr` (None:
-1e-3 for full fine-tuning, 1e-2 otherwise), `seed`, `init`.
+1e-3 for full fine-tuning, 1e-2 otherwise), `seed`, `init`; `width`, `depth`, `num_heads`,
+`mlp_dim` override the variant's size, and `pretrain=True,all_classes=True` trains on all
+ten digits (the larger model of the quantization table:
+
+    python -m vitjax.train --workdir workdirs/digits_w128d8 --config \
+        configs/adapt_digits.py:pretrain=True,all_classes=True,width=128,depth=8,mlp_dim=512
+).
 Results (accuracy against trainable parameters): experiments/adapt_compress.md.
 """
 
@@ -38,7 +44,8 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, pretrain=False, method="lora", rank=4, alpha=None,
                              lora_targets="MultiHeadDotProductAttention_0/(query|value)$",
                              tokens=10, dim=16, variant="mu/4", image_size=16, steps=None,
-                             lr=None, seed=0, init="workdirs/digits_0to4")
+                             lr=None, seed=0, init="workdirs/digits_0to4", all_classes=False,
+                             width=0, depth=0, num_heads=0, mlp_dim=0)
   if arg.method not in METHODS:
     raise config_lib.ConfigError(f"adapt_digits.py: method={arg.method!r}; use one of "
                                  f"{', '.join(METHODS)}.")
@@ -46,6 +53,12 @@ def get_config(arg=None):
   config = config_lib.load_config(
       f"{QUICKSTART}:variant={arg.variant},image_size={arg.image_size},steps={steps}")
   config.seed = arg.seed
+  size = {key: arg[key] for key in ("width", "depth", "num_heads", "mlp_dim") if arg[key]}
+  if size:  # Fields of the model that win over the variant (config.model has no such keys).
+    with config.unlocked():
+      config.model.update(size)
+  if arg.pretrain and arg.all_classes:
+    return config
   config.model.num_classes = 5
   if arg.pretrain:
     config.input.classes = (0, 1, 2, 3, 4)

@@ -17,6 +17,7 @@ from vitjax.train import checkpoints as checkpoints_lib
 from vitjax.train import optim
 from vitjax.train import trainer as trainer_lib
 
+import cli_checks
 from test_train import tiny_config  # A 1-block ViT on 8x8 digits, a few steps.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -238,3 +239,9 @@ def test_lora_training_from_a_pretrained_run_changes_only_the_adapter_and_head(t
     np.testing.assert_array_equal(params[name], value, err_msg=name)  # Frozen, bitwise.
   lora_b = [v for n, v in params.items() if n.endswith("lora_b")]
   assert len(lora_b) == 2 and all(np.any(np.asarray(v) != 0) for v in lora_b)
+
+
+def test_a_bad_peft_value_stops_the_cli_before_anything_is_written(tmp_path):
+  cli_checks.assert_train_rejects(
+      "configs/quickstart.py", "peft.lora.rank=-1", tmp_path / "run",
+      contains="config.peft.lora.rank=-1: a whole number >= 0 is needed")

@@ -129,7 +129,8 @@ def test_peft_default_init_leaves_the_model_unchanged(base_dir, vitjax_base, tmp
   model, base = vitjax_base
   peft_adapter_dir(base_dir, tmp_path, "query_value", random=False)  # lora_B = 0.
   params, peft = peft_format.load_peft(tmp_path, base, None, model)
-  assert peft["lora"]["targets"] == "encoderblock[^/]*/MultiHeadDotProductAttention_0/(query|value)$"
+  assert peft["lora"]["targets"] == (
+      "encoderblock[^/]*/MultiHeadDotProductAttention_0/(query|value)$")
   assert np.abs(params["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_0"]
                 ["query"]["lora_a"]).min() > 0
   # pre_logits, not logits: they do not go through the (unchanged) head.

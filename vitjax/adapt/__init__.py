@@ -51,6 +51,10 @@ KEYS = {"lora": ("rank", "alpha", "dropout", "targets"),
         "adapter": ("dim", "scale", "targets")}
 
 
+class PeftConfigError(ValueError):
+  """A config.peft value that cannot be used; the message names the key."""
+
+
 class _Section(dict):
   """A config section with attribute access and `.get`, whatever the caller passed."""
 
@@ -76,12 +80,12 @@ def normalize(peft):
   full = default_config()
   unknown = sorted(set(given) - set(full))
   if unknown:
-    raise ValueError(f"Unknown config.peft key(s) {unknown}; valid: {sorted(full)}.")
+    raise PeftConfigError(f"Unknown config.peft key(s) {unknown}; valid: {sorted(full)}.")
   for section, keys in KEYS.items():
     values = given.get(section) or {}
     bad = sorted(set(values) - set(keys))
     if bad:
-      raise ValueError(f"Unknown config.peft.{section} key(s) {bad}; valid: {list(keys)}.")
+      raise PeftConfigError(f"Unknown config.peft.{section} key(s) {bad}; valid: {list(keys)}.")
     full[section].update(values)
   full["train"] = given.get("train", None)
   lora, prompts, adapter = (_Section(full[k]) for k in ("lora", "prompts", "adapter"))
@@ -90,30 +94,30 @@ def normalize(peft):
   _check_int(adapter.dim, "adapter.dim", "a bottleneck width such as 16 (0: no adapter)")
   for name, rate in (("lora.dropout", lora.dropout), ("prompts.dropout", prompts.dropout)):
     if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
-      raise ValueError(f"config.peft.{name}={rate!r}: a dropout rate in [0, 1) is needed.")
+      raise PeftConfigError(f"config.peft.{name}={rate!r}: a dropout rate in [0, 1) is needed.")
   if lora.alpha is not None and (not isinstance(lora.alpha, (int, float)) or lora.alpha <= 0):
-    raise ValueError(f"config.peft.lora.alpha={lora.alpha!r}: a positive number (or None: "
-                     "the rank) is needed.")
+    raise PeftConfigError(f"config.peft.lora.alpha={lora.alpha!r}: a positive number (or None: "
+                          "the rank) is needed.")
   for name, pattern in (("lora.targets", lora.targets), ("adapter.targets", adapter.targets),
                         ("train", full["train"])):
     if pattern is None and name == "train":
       continue
     if not isinstance(pattern, str) or not pattern:
-      raise ValueError(f"config.peft.{name}={pattern!r}: a regular expression string is "
-                       "needed.")
+      raise PeftConfigError(f"config.peft.{name}={pattern!r}: a regular expression string is "
+                            "needed.")
     try:
       re.compile(pattern)
     except re.error as e:
-      raise ValueError(f"config.peft.{name}={pattern!r} is not a regular expression "
-                       f"({e}).") from None
+      raise PeftConfigError(f"config.peft.{name}={pattern!r} is not a regular expression "
+                            f"({e}).") from None
   full["lora"], full["prompts"], full["adapter"] = lora, prompts, adapter
   return _Section(full)
 
 
 def _check_int(value, name, example):
   if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-    raise ValueError(f"config.peft.{name}={value!r}: a whole number >= 0 is needed, "
-                     f"{example}.")
+    raise PeftConfigError(f"config.peft.{name}={value!r}: a whole number >= 0 is needed, "
+                          f"{example}.")
 
 
 def _plain(tree):
@@ -213,15 +217,15 @@ def _fields(model):
 def _check_matched(interceptor, peft):
   kinds = {kind for kind, _ in interceptor.matched}
   if peft.lora.rank and "lora" not in kinds:
-    raise ValueError(f"config.peft.lora.targets={peft.lora.targets!r} matches no dense layer "
-                     "of this model; module paths look like 'Transformer/encoderblock_0/"
-                     "MultiHeadDotProductAttention_0/query' or '.../MlpBlock_0/Dense_0'.")
+    raise PeftConfigError(f"config.peft.lora.targets={peft.lora.targets!r} matches no dense layer "
+                          "of this model; module paths look like 'Transformer/encoderblock_0/"
+                          "MultiHeadDotProductAttention_0/query' or '.../MlpBlock_0/Dense_0'.")
   if peft.adapter.dim and "adapter" not in kinds:
-    raise ValueError(f"config.peft.adapter.targets={peft.adapter.targets!r} matches no module "
-                     "of this model; e.g. 'encoderblock[^/]*/MlpBlock_0$'.")
+    raise PeftConfigError(f"config.peft.adapter.targets={peft.adapter.targets!r} matches no module "
+                          "of this model; e.g. 'encoderblock[^/]*/MlpBlock_0$'.")
   if peft.prompts.num_tokens and "prompts" not in kinds:
-    raise ValueError("config.peft.prompts: this model has no encoder named 'Transformer' to "
-                     "put prompts into.")
+    raise PeftConfigError("config.peft.prompts: this model has no encoder named 'Transformer' to "
+                          "put prompts into.")
 
 
 def base_model(model):
@@ -250,9 +254,9 @@ def trainable_mask(params, peft):
     return is_adapter(name) or (regex is not None and bool(regex.search(name)))
   mask = jax.tree_util.tree_map_with_path(trains, params)
   if not any(jax.tree_util.tree_leaves(mask)):
-    raise ValueError(f"config.peft.train={pattern!r} matches no parameter and no adapter is "
-                     "on: nothing would train. Parameter names look like 'head/kernel', "
-                     "'Transformer/encoderblock_0/LayerNorm_0/scale'.")
+    raise PeftConfigError(f"config.peft.train={pattern!r} matches no parameter and no adapter is "
+                          "on: nothing would train. Parameter names look like 'head/kernel', "
+                          "'Transformer/encoderblock_0/LayerNorm_0/scale'.")
   return mask
 
 

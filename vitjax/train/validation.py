@@ -488,6 +488,8 @@ def check_model(config):
     raise
   except ConfigError:
     raise
+  except adapt.PeftConfigError as e:  # Its message names the config.peft key.
+    raise ConfigError(str(e)) from None
   except (ValueError, models.UnknownOptionError) as e:  # Any other TypeError is a bug.
     raise ConfigError(f"config.model: {e}") from None
   input_config = config.get("input") or {}
