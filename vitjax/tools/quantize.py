@@ -71,7 +71,7 @@ def main(argv=None):
 def _variants(args):
   """[(scheme, vit_quantizers)] to run, checked; QuantizeError on bad arguments."""
   from vitjax import quantize  # pylint: disable=g-import-not-at-top
-  schemes = [s.strip() for s in args.scheme.split(",") if s.strip()]
+  schemes = [s.strip().lower() for s in args.scheme.split(",") if s.strip()]
   for scheme in schemes or [args.scheme]:
     try:
       quantize.check_scheme(scheme)
@@ -112,7 +112,7 @@ def _check_arguments(args):
   return variants
 
 
-def _from_workdir(args):
+def from_workdir(args):
   """(model, params, config, model_config) of a workdir's latest checkpoint."""
   from vitjax.tools import soup  # pylint: disable=g-import-not-at-top
   from vitjax.train import tasks  # pylint: disable=g-import-not-at-top
@@ -132,7 +132,8 @@ def _from_workdir(args):
   return model, params, config, model_config
 
 
-def _dataset(config, split):
+def split_dataset(config, split):
+  """The workdir config's dataset with `split` as its eval split."""
   from vitjax import data  # pylint: disable=g-import-not-at-top
   from vitjax.train import resume  # pylint: disable=g-import-not-at-top
   copy = resume.as_config(config.to_dict())
@@ -143,9 +144,10 @@ def _dataset(config, split):
     raise QuantizeError(f"split {split!r}: {str(e).splitlines()[0]}") from None
 
 
-def _calibration_images(config, args):
+def calibration_images(config, args):
+  """`args.calibration_batches` batches of the training split, eval preprocessing."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  dataset = _dataset(config, config.get("train_split") or "train")
+  dataset = split_dataset(config, config.get("train_split") or "train")
   batches = []
   for batch in dataset.eval_iter(args.calibration_batch_size, process_index=0,
                                  process_count=1):
@@ -181,9 +183,9 @@ def _run(args):
   from vitjax import quantize  # pylint: disable=g-import-not-at-top
 
   if args.workdir is not None:
-    model, params, config, model_config = _from_workdir(args)
-    calibration = _calibration_images(config, args)
-    eval_data = _dataset(config, config.get("eval_split") or "test")
+    model, params, config, model_config = from_workdir(args)
+    calibration = calibration_images(config, args)
+    eval_data = split_dataset(config, config.get("eval_split") or "test")
     batch_size = config.get("eval_batch_size", config.get("batch_size", 256))
     name = args.workdir
   else:
