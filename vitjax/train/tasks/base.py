@@ -19,7 +19,7 @@ def build_model(config):
     if isinstance(options.get(key), str):
       options[key] = jnp.dtype(options[key])
   model = models.create_model(name, **options)
-  peft = config.get("peft")
+  peft = config.get("peft") if hasattr(config, "get") else None  # A teacher's namespace: none.
   try:
     if peft and adapt.has_adapters(peft):
       model = adapt.adapted(model, peft)
