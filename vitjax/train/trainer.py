@@ -32,6 +32,8 @@ from vitjax.train import optim
 from vitjax.train import resume as resume_lib
 from vitjax.train import sharding as sharding_lib
 from vitjax.train import tasks
+from vitjax.train.tasks import base as tasks_base
+from vitjax.train.tasks.base import update_ema  # The config.ema update, shared with tasks.
 from vitjax.train import validation
 from vitjax.train import workdir as workdir_lib
 
@@ -79,12 +81,6 @@ def ema_decay(options, step):
   warm = 1.0 - (1.0 + step.astype(jnp.float32) / options.ema_warmup_gamma) ** (
       -options.ema_warmup_power)
   return jnp.minimum(jnp.float32(options.ema_decay), warm)
-
-
-def update_ema(ema, params, decay):
-  """ema + (1 - decay) * (params - ema), in float32 (the EMA's dtype)."""
-  return jax.tree_util.tree_map(lambda e, p: e + (1.0 - decay) * (p.astype(e.dtype) - e),
-                                ema, params)
 
 
 def _train_step(model, tx, task, options, state, batch, rng, constants, prepare_batch=None):
@@ -271,13 +267,8 @@ def _init_state(config, model, mesh, rng):
 
 
 def ema_of(params, param_shardings):
-  """A float32 copy of `params`, sharded like them: the EMA's start.
-
-  float32 whatever the parameters' dtype: in bfloat16, (1 - 0.9999) * (params - ema)
-  is below the EMA's resolution and the average would stop moving.
-  """
-  return jax.jit(lambda p: jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), p),
-                 out_shardings=param_shardings)(params)
+  """A float32 copy of `params` (tasks_base.float32_copy), sharded like them: the EMA's start."""
+  return jax.jit(tasks_base.float32_copy, out_shardings=param_shardings)(params)
 
 
 def _init_task_state(task, model, params, param_shardings, mesh, rng):

@@ -28,6 +28,22 @@ def build_model(config):
   return model
 
 
+def float32_copy(params):
+  """`params` in float32: the start of an average of them (an EMA, a teacher).
+
+  float32 whatever the parameters' dtype: in bfloat16, (1 - 0.9999) * (params - ema)
+  is below the average's resolution and it would stop moving.
+  """
+  return jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), params)
+
+
+def update_ema(ema, params, decay):
+  """ema + (1 - decay) * (params - ema), in float32 (the EMA's dtype): the trainer's
+  config.ema and the tasks' teachers (DINO, I-JEPA's target encoder) alike."""
+  return jax.tree_util.tree_map(lambda e, p: e + (1.0 - decay) * (p.astype(e.dtype) - e),
+                                ema, params)
+
+
 # The `out['aux_loss']` dicts of the forward passes of the loss being traced (a stack:
 # one list per `collect_aux_losses` block). A module-level stack rather than a return
 # value, so every task's loss gets them without passing them on.

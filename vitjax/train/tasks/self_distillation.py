@@ -52,7 +52,8 @@ import jax.numpy as jnp
 
 from vitjax.models.dino import DINO
 from vitjax.train.tasks import dino_losses
-from vitjax.train.tasks.base import Task, build_model
+from vitjax.train.tasks.base import Task, build_model, float32_copy
+from vitjax.train.tasks.base import update_ema as update_teacher  # An EMA of the student.
 
 CENTERING = ("center", "sinkhorn_knopp")
 MOMENTUM_SCHEDULES = ("cosine", "linear")
@@ -132,12 +133,6 @@ def warmup_temperature(step, start, end, warmup_steps):
   return start + (end - start) * progress
 
 
-def update_teacher(teacher, params, momentum):
-  """teacher * m + params * (1 - m), in float32 (the teacher's dtype)."""
-  return jax.tree_util.tree_map(
-      lambda t, p: t * momentum + p.astype(jnp.float32) * (1.0 - momentum), teacher, params)
-
-
 def as_views(crops):
   """[B, V, H, W, C] crops -> [V * B, H, W, C], view-major (view v's batch is rows v * B...)."""
   return jnp.swapaxes(crops, 0, 1).reshape((-1,) + crops.shape[2:])
@@ -146,10 +141,6 @@ def as_views(crops):
 def by_view(x, num_views):
   """[V * B, ...] -> [V, B, ...]."""
   return x.reshape((num_views, -1) + x.shape[1:])
-
-
-def float32_copy(params):
-  return jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), params)
 
 
 def in_dtype_of(tree, params):
