@@ -84,7 +84,8 @@ def test_transformers_vit_has_the_same_size():
 
 def test_markdown_has_a_header_and_a_row(runs):
   out = runs["train"][1]
-  assert "Throughput on cpu (cpu), jax " in out
+  result = runs["train"][0]
+  assert f"Throughput on cpu (cpu; lscpu model name: {result['cpu_model']}), jax " in out
   assert "| model | mode | batch |" in out
   assert any(line.startswith("| vit | train | 2 | float32 |") for line in out.splitlines())
 
@@ -470,3 +471,66 @@ def test_a_compare_without_the_model_or_a_bad_option_is_one_line_and_exit_status
   assert exit_info.value.code == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_xla_options_add_to_vitjax_options_and_the_output_names_the_cpu(capsys):
+  from vitjax import xla_options  # pylint: disable=import-outside-toplevel
+  result = benchmark.main(TINY + ["--mode", "infer", "--compare", "none",
+                                  "--xla_options", "xla_cpu_enable_fast_math=False"])
+  assert result["compiler_options"] == {**(xla_options.compiler_options("cpu") or {}),
+                                        "xla_cpu_enable_fast_math": False}
+  assert result["cpu_model"] == xla_options.cpu_model_name() != ""
+  out = capsys.readouterr().out
+  assert f"on cpu ({result['cpu_model']}, {result['cpu_threads']} threads):" in out
+  assert "compiled with xla_cpu_experimental_ynn_fusion_type=, xla_cpu_enable_fast_math=False" \
+      in out or "compiled with xla_cpu_enable_fast_math=False" in out
+
+
+@pytest.mark.parametrize("value,message", [
+    ("fast_math=1", "'fast_math' is not an XLA option (their names start with 'xla_'"),
+    ("xla_cpu_enable_fast_math", "'xla_cpu_enable_fast_math' is not key=value"),
+])
+def test_a_malformed_xla_options_value_is_one_line_and_exit_status_2(value, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    benchmark.parse_xla_options(value)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: --xla_options ") and message in err and err.count("\n") == 1
+
+
+def test_an_xla_option_this_xla_rejects_is_one_line_exit_2_and_writes_nothing(tmp_path):
+  path = tmp_path / "result.json"
+  result = subprocess.run([sys.executable, "-m", "vitjax.tools.benchmark", *TINY, "--mode",
+                           "infer", "--compare", "none", "--json", str(path),
+                           "--xla_options", "xla_cpu_no_such_option=1"],
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 2 and not path.exists() and not result.stdout
+  lines = [line for line in result.stderr.splitlines() if "error:" in line]
+  assert lines == [line for line in result.stderr.splitlines() if line.strip() and not
+                   line.startswith(("WARNING", "W0", "I0"))]
+  assert len(lines) == 1 and lines[0].startswith("error: --xla_options: this XLA (jaxlib ")
+  assert "rejects xla_cpu_no_such_option=1 on cpu" in lines[0]
+
+
+def _load_experiment(name):
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  path = os.path.join(os.path.dirname(__file__), "..", "experiments", name + ".py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_the_vendor_script_runs_the_benchmark_per_variant_and_takes_medians():
+  script = _load_experiment("cpu_vendor_speed")
+  assert script.variant_flags("shipped") == []
+  assert script.variant_flags("xla_defaults") == ["--xla_defaults"]
+  assert script.variant_flags("xla_cpu_enable_fast_math=False") == [
+      "--xla_options", "xla_cpu_enable_fast_math=False"]
+  run = lambda ratio, ips: {"ratio": ratio, "images_per_s": ips, "torch": {"images_per_s": 5.0},
+                            "background_cpu": 0.01, "cpu_model": "AMD EPYC", "cpu_threads": 2,
+                            "versions": {"jax": "0.10.2"}, "date": "2026-12-03"}
+  rows = script.table({("train", "shipped"): [run(0.9, 4.0), run(1.2, 6.0), run(1.0, 5.0)]})
+  assert rows[0] == "CPU (lscpu model name): AMD EPYC, 2 threads; jax 0.10.2; 2026-12-03."
+  assert rows[-1] == ("| AMD EPYC | train | shipped | 0.90x, 1.20x, 1.00x | **1.00x** | 5.00 | "
+                      "5.00 | 1% |")

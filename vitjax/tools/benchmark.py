@@ -55,7 +55,8 @@ adaLN-Zero gates and output layer, and agreement on zeros would say nothing.
 U-ViT has no PyTorch implementation installed: it is timed alone, with a note.
 
 On a CPU the vitjax step is compiled with vitjax.xla_options (as the trainer does; `--xla_defaults`
-leaves them out). Of vitjax it imports only `vitjax.models` (and `vitjax.tools.model_table`
+leaves them out, `--xla_options KEY=VALUE,...` adds more), and the output names the CPU
+(`lscpu`'s model name). Of vitjax it imports only `vitjax.models` (and `vitjax.tools.model_table`
 for the MAC counts of `--token_merging` and of MoE models), so it runs where ml-collections,
 grain and tensorflow-datasets are not installed.
 """
@@ -394,6 +395,42 @@ def parse_key_values(text, flag, example):
   return spec
 
 
+def parse_xla_options(text):
+  """The dict of an `--xla_options` value ('xla_cpu_foo=1,xla_cpu_bar='), {} for None.
+
+  Exits with status 2 and one line for a malformed value or a name that is not an XLA
+  option (they all start with 'xla_').
+  """
+  if text is None:
+    return {}
+  try:
+    options = parse_key_values(text, "--xla_options", "xla_cpu_experimental_ynn_fusion_type=")
+  except ValueError as error:
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2) from None
+  for name in options:
+    if not name.startswith("xla_"):
+      print(f"error: --xla_options {text!r}: {name!r} is not an XLA option (their names "
+            "start with 'xla_', e.g. xla_cpu_experimental_ynn_fusion_type).", file=sys.stderr)
+      raise SystemExit(2)
+  return options
+
+
+def check_xla_options(options, platform):
+  """Exits with status 2 and one line if this XLA rejects `options` on `platform`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  try:
+    probe = jax.device_put(jnp.zeros(()), jax.devices(platform)[0])
+    jax.jit(lambda x: x + 1, compiler_options=options).lower(probe).compile()
+  except Exception as error:  # pylint: disable=broad-except
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    print(f"error: --xla_options: this XLA (jaxlib {_versions('none').get('jaxlib', '?')}) "
+          f"rejects {_options_text(options).replace('`', '')} on {platform}: {reason}",
+          file=sys.stderr)
+    raise SystemExit(2) from None
+
+
 def check_model(args):
   """Exits with status 2 and one line if create_model rejects `--model` or its options, or
   `--token_merging` (also: given with an MoE model), or `--compare` names a library without
@@ -707,7 +744,7 @@ def summary_lines(result):
   lines = [
       f"vitjax {r['model']} {r['mode']}, batch {r['batch']}, {r['dtype']}, "
       f"{r['image_size']}px on {r['device']}"
-      + (f" ({r['cpu_threads']} threads)" if r.get("cpu_threads") else "") + ":",
+      + _cpu_text(r) + ":",
       (f"  {label + ':':<8}" if other else "  ") + _speed_text(r, mfu),
   ]
   if other:
@@ -757,6 +794,14 @@ def summary_lines(result):
   return lines
 
 
+def _cpu_text(r):
+  """' (AMD EPYC, 2 threads)' on a CPU: the model name and XLA's thread pool; else ''."""
+  if not r.get("cpu_threads"):
+    return ""
+  model = f"{r['cpu_model']}, " if r.get("cpu_model") else ""
+  return f" ({model}{r['cpu_threads']} threads)"
+
+
 def _torch_text(t):
   """The PyTorch side in words: library (and module), compilation, threads, weights."""
   text = (f"{t['implementation']}" + (f" {t['module']}" if t.get("module") else "")
@@ -802,7 +847,8 @@ _MARKDOWN_COLUMNS = ("model", "mode", "batch", "dtype", "vitjax img/s", "ms/step
 def _header_lines(r):
   """The opening lines of a results block: the machine, library versions, date and command."""
   return [
-      f"Throughput on {r['device']} ({r['platform']}), "
+      f"Throughput on {r['device']} ({r['platform']}"
+      + (f"; lscpu model name: {r['cpu_model']}" if r.get("cpu_model") else "") + "), "
       + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + f", {r['date']}.",
       "",
       f"- Command: `{r['command']}`",
@@ -964,6 +1010,10 @@ def parse_args(argv):
                       "takes minutes on a CPU)")
   parser.add_argument("--xla_defaults", action="store_true", help="on a CPU, compile the "
                       "vitjax step without vitjax.xla_options")
+  parser.add_argument("--xla_options", metavar="KEY=VALUE,...", help="more XLA compile "
+                      "options for the vitjax step, on top of vitjax's (or alone with "
+                      "--xla_defaults), e.g. xla_cpu_experimental_ynn_fusion_type= "
+                      "(an empty value) or xla_cpu_use_fusion_emitters=False")
   parser.add_argument("--peak_tflops", type=float, help="peak TFLOP/s for MFU (default: "
                       "from the device kind)")
   parser.add_argument("--markdown", action="store_true", help="a Markdown table for BENCHMARKS.md")
@@ -978,6 +1028,7 @@ def main(argv=None):
   """Runs the benchmark, prints the results and returns them as a dict."""
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
+  extra_options = parse_xla_options(args.xla_options)
   # Before any device work: a wrong name fails in seconds.
   checked, token_merging = check_model(args)
   from vitjax.models import moe  # pylint: disable=import-outside-toplevel
@@ -1003,6 +1054,7 @@ def main(argv=None):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
+  from vitjax import xla_options  # pylint: disable=import-outside-toplevel
   device = jax.devices()[0]
   platform = device.platform
   on_cpu = platform == "cpu"
@@ -1021,6 +1073,9 @@ def main(argv=None):
   image_shape = inputs["images"].shape[1:]
 
   options = None if args.xla_defaults else compiler_options(platform)
+  if extra_options:
+    check_xla_options(extra_options, platform)
+    options = {**(options or {}), **extra_options}
   # Token merging adds no parameters: the plain and merged models run the same ones.
   if token_merging is not None:
     params = models.init_params(model)
@@ -1074,6 +1129,7 @@ def main(argv=None):
       "image_size": image_shape[0], "attention_impl": args.attention_impl,
       "device": device.device_kind, "platform": platform, "num_devices_used": 1,
       "cpu_threads": cpu_threads() if on_cpu else None,
+      "cpu_model": xla_options.cpu_model_name() if on_cpu else None,
       "steps": args.steps, "warmup": max(args.warmup, 1),
       **step_figures(times["vitjax"], batch, compiled, peak), "peak_tflops": peak,
       "peak_memory_bytes": memory, "peak_memory_source": memory_source,
