@@ -41,7 +41,10 @@ def run_once(mode, variant, path):
              "vit_small_patch16_224", "--batch", "8", "--mode", mode, "--steps",
              str(STEPS[mode]), "--warmup", "2", "--compare", "transformers",
              *variant_flags(variant), "--json", str(path)]
-  subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+  done = subprocess.run(command, check=False, stdout=subprocess.DEVNULL)
+  if done.returncode:  # The benchmark has said why on stderr.
+    raise SystemExit(f"error: the benchmark exited with status {done.returncode} "
+                     f"(variant {variant!r}, mode {mode})")
   return json.loads(path.read_text(encoding="utf-8"))
 
 
