@@ -1,0 +1,154 @@
+"""Where a CPU training step's time goes, vitjax's and PyTorch's, op by op: what BENCHMARKS.md's
+"CPU speed by vendor" asks of a machine it has no figures for.
+
+    taskset -c 0 python experiments/cpu_step_profile.py [--model vit_small_patch16_224]
+        [--batch 8] [--steps 2] [--top 25]
+
+One process, one core (run it under `taskset -c 0`, so that each op's time is the time it
+takes and not its share of two threads). The vitjax side is the benchmark's train step
+(`vitjax.tools.benchmark.build_vitjax`, vitjax's CPU compile options), profiled with
+`jax.profiler` over `--steps` steps: the time of each HLO instruction of the compiled step,
+grouped by its opcode (dot, fusion, copy, ...) and the JAX operation it came from (the
+last name of its `op_name` metadata, "backward" where it is under a `transpose`); plus the
+process's system time and minor page faults per step (`getrusage`). The PyTorch side is
+the benchmark's transformers ViT step under `torch.profiler`: self CPU time per aten op.
+Each side prints ms per step and its share of the profiled step.
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import re
+import resource
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+from vitjax.tools import benchmark
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \S+ (\w[\w\-]*)\(")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_FUSION_KIND = re.compile(r"kind=(k\w+)")
+
+
+def hlo_sources(compiled):
+  """{instruction name: 'opcode source'} for the instructions of the compiled step."""
+  sources = {}
+  for line in compiled.as_text().splitlines():
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    name, opcode = match.groups()
+    op_name = _OP_NAME.search(line)
+    path = op_name.group(1) if op_name else ""
+    source = path.rsplit("/", 1)[-1] or "?"
+    if "transpose(" in path:
+      source += " (backward)"
+    kind = _FUSION_KIND.search(line) if opcode == "fusion" else None
+    label = f"{opcode}{'/' + kind.group(1) if kind else ''}"
+    if "ynn" in name:
+      label = "ynn fusion"
+    sources[name] = f"{label} {source}"
+  return sources
+
+
+def trace_op_times(directory, sources, steps):
+  """ms per step of each HLO instruction, read from the Perfetto trace in `directory`."""
+  path = glob.glob(f"{directory}/**/perfetto_trace.json.gz", recursive=True)[0]
+  with gzip.open(path, "rt", encoding="utf-8") as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  times = collections.Counter()
+  for event in events:
+    if event.get("ph") == "X" and event.get("name") in sources:
+      times[event["name"]] += event.get("dur", 0) / 1e3 / steps
+  return times
+
+
+def vitjax_profile(args, inputs):
+  run_step, compiled, _, _ = benchmark.build_vitjax(args, jnp.float32, inputs,
+                                                    benchmark.compiler_options("cpu"))
+  for _ in range(2):
+    run_step()
+  before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+  for _ in range(args.steps):
+    run_step()
+  after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - start
+  directory = tempfile.mkdtemp(prefix="cpu_step_profile_")
+  with jax.profiler.trace(directory, create_perfetto_trace=True):
+    for _ in range(args.steps):
+      run_step()
+  sources = hlo_sources(compiled)
+  per_op = trace_op_times(directory, sources, args.steps)
+  grouped = collections.Counter()
+  for name, ms in per_op.items():
+    grouped[sources[name]] += ms
+  usage = {"wall": wall / args.steps,
+           "system": (after.ru_stime - before.ru_stime) / args.steps,
+           "faults": (after.ru_minflt - before.ru_minflt) / args.steps}
+  return grouped, usage
+
+
+def torch_profile(args, inputs):
+  import torch  # pylint: disable=import-outside-toplevel
+  from torch import profiler  # pylint: disable=import-outside-toplevel
+  from vitjax import models  # pylint: disable=import-outside-toplevel
+  vitjax_model = models.create_model(args.model, **benchmark.model_overrides(args, jnp.float32))
+  run_step, _ = benchmark.build_torch("transformers", vitjax_model, args, "float32", inputs,
+                                      "cpu")
+  for _ in range(2):
+    run_step()
+  start = time.perf_counter()
+  for _ in range(args.steps):
+    run_step()
+  wall = (time.perf_counter() - start) / args.steps
+  with profiler.profile(activities=[profiler.ProfilerActivity.CPU]) as prof:
+    for _ in range(args.steps):
+      run_step()
+  grouped = collections.Counter()
+  for event in prof.key_averages():
+    grouped[event.key] += event.self_cpu_time_total / 1e3 / args.steps
+  return grouped, {"wall": wall, "threads": torch.get_num_threads()}
+
+
+def print_table(title, grouped, top):
+  total = sum(grouped.values())
+  print(f"\n{title}: {total:,.0f} ms per step in profiled ops")
+  for label, ms in grouped.most_common(top):
+    print(f"  {ms:9.1f} ms  {100 * ms / total:5.1f}%  {label}")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", default="vit_small_patch16_224")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--steps", type=int, default=2)
+  parser.add_argument("--top", type=int, default=25)
+  options = parser.parse_args(argv)
+  args = benchmark.parse_args(["--model", options.model, "--batch", str(options.batch),
+                               "--mode", "train"])
+  args.steps = options.steps
+  from vitjax import models, xla_options  # pylint: disable=import-outside-toplevel
+  inputs = benchmark.step_inputs(
+      models.create_model(options.model, **benchmark.model_overrides(args, jnp.float32)),
+      options.batch, False)
+  print(f"{xla_options.cpu_model_name()}, {benchmark.cpu_threads()} core(s); train step of "
+        f"{options.model}, batch {options.batch}, float32")
+  grouped, usage = vitjax_profile(args, inputs)
+  print(f"vitjax: {usage['wall'] * 1e3:,.0f} ms per step unprofiled; system time "
+        f"{usage['system'] * 1e3:,.0f} ms and {usage['faults']:,.0f} minor page faults per step")
+  print_table("vitjax, by HLO opcode and JAX operation", grouped, options.top)
+  grouped, usage = torch_profile(args, inputs)
+  print(f"\nPyTorch (transformers ViT, eager, {usage['threads']} threads): "
+        f"{usage['wall'] * 1e3:,.0f} ms per step unprofiled")
+  print_table("PyTorch, self CPU time by aten op", grouped, options.top)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
