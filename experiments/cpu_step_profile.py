@@ -9,8 +9,9 @@ takes and not its share of two threads). The vitjax side is the benchmark's trai
 (`vitjax.tools.benchmark.build_vitjax`, vitjax's CPU compile options), profiled with
 `jax.profiler` over `--steps` steps: the time of each HLO instruction of the compiled step,
 grouped by its opcode (dot, fusion, copy, ...) and the JAX operation it came from (the
-last name of its `op_name` metadata, "backward" where it is under a `transpose`); plus the
-process's system time and minor page faults per step (`getrusage`). The PyTorch side is
+last name of its `op_name` metadata, "backward" where it is under a `transpose`), and the
+costliest instructions other than dots one by one (`--instructions`); plus the process's
+system time and minor page faults per step (`getrusage`). The PyTorch side is
 the benchmark's transformers ViT step under `torch.profiler`: self CPU time per aten op.
 Each side prints ms per step and its share of the profiled step.
 """
@@ -37,7 +38,8 @@ _FUSION_KIND = re.compile(r"kind=(k\w+)")
 
 
 def hlo_sources(compiled):
-  """{instruction name: 'opcode source'} for the instructions of the compiled step."""
+  """{instruction name: (label, output shape, op_name)} for the instructions of the
+  compiled step; label: 'opcode source'."""
   sources = {}
   for line in compiled.as_text().splitlines():
     match = _INSTRUCTION.match(line)
@@ -53,7 +55,8 @@ def hlo_sources(compiled):
     label = f"{opcode}{'/' + kind.group(1) if kind else ''}"
     if "ynn" in name:
       label = "ynn fusion"
-    sources[name] = f"{label} {source}"
+    shape = line.split(" = ", 1)[1].split(" ", 1)[0]
+    sources[name] = (f"{label} {source}", shape, path)
   return sources
 
 
@@ -87,8 +90,11 @@ def vitjax_profile(args, inputs):
   per_op = trace_op_times(directory, sources, args.steps)
   grouped = collections.Counter()
   for name, ms in per_op.items():
-    grouped[sources[name]] += ms
-  usage = {"wall": wall / args.steps,
+    grouped[sources[name][0]] += ms
+  # The costliest instructions that are not dots: where the rest of the step goes.
+  others = [(ms, name, *sources[name][1:]) for name, ms in per_op.most_common()
+            if not sources[name][0].startswith("dot")]
+  usage = {"others": others[:args.instructions], "wall": wall / args.steps,
            "system": (after.ru_stime - before.ru_stime) / args.steps,
            "faults": (after.ru_minflt - before.ru_minflt) / args.steps}
   return grouped, usage
@@ -128,11 +134,13 @@ def main(argv=None):
   parser.add_argument("--model", default="vit_small_patch16_224")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--steps", type=int, default=2)
-  parser.add_argument("--top", type=int, default=25)
+  parser.add_argument("--top", type=int, default=25, help="rows of each table")
+  parser.add_argument("--instructions", type=int, default=30,
+                      help="vitjax's costliest instructions other than dots to list")
   options = parser.parse_args(argv)
   args = benchmark.parse_args(["--model", options.model, "--batch", str(options.batch),
                                "--mode", "train"])
-  args.steps = options.steps
+  args.steps, args.instructions = options.steps, options.instructions
   from vitjax import models, xla_options  # pylint: disable=import-outside-toplevel
   inputs = benchmark.step_inputs(
       models.create_model(options.model, **benchmark.model_overrides(args, jnp.float32)),
@@ -143,6 +151,9 @@ def main(argv=None):
   print(f"vitjax: {usage['wall'] * 1e3:,.0f} ms per step unprofiled; system time "
         f"{usage['system'] * 1e3:,.0f} ms and {usage['faults']:,.0f} minor page faults per step")
   print_table("vitjax, by HLO opcode and JAX operation", grouped, options.top)
+  print("\nvitjax, the costliest instructions other than dots (ms per step, output, op_name):")
+  for ms, name, shape, path in usage["others"]:
+    print(f"  {ms:7.1f} ms  {name[:30]:30s} {shape[:34]:34s} {path[-100:]}")
   grouped, usage = torch_profile(args, inputs)
   print(f"\nPyTorch (transformers ViT, eager, {usage['threads']} threads): "
         f"{usage['wall'] * 1e3:,.0f} ms per step unprofiled")
