@@ -73,52 +73,52 @@ def trace_op_times(directory, sources, steps):
   return times
 
 
-def vitjax_profile(args, inputs):
-  run_step, compiled, _, _ = benchmark.build_vitjax(args, jnp.float32, inputs,
-                                                    benchmark.compiler_options("cpu"))
+def warm_and_time(run_step, steps):
+  """Seconds per step of `steps` steps after 2 warm-up steps, and the process's resource
+  usage over them (before, after)."""
   for _ in range(2):
     run_step()
   before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-  for _ in range(args.steps):
+  for _ in range(steps):
     run_step()
-  after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - start
+  wall = (time.perf_counter() - start) / steps
+  return wall, before, resource.getrusage(resource.RUSAGE_SELF)
+
+
+def vitjax_profile(args, model, inputs, steps, instructions):
+  run_step, compiled, _, _ = benchmark.build_vitjax(args, jnp.float32, inputs,
+                                                    benchmark.compiler_options("cpu"),
+                                                    model=model)
+  wall, before, after = warm_and_time(run_step, steps)
   directory = tempfile.mkdtemp(prefix="cpu_step_profile_")
   with jax.profiler.trace(directory, create_perfetto_trace=True):
-    for _ in range(args.steps):
+    for _ in range(steps):
       run_step()
   sources = hlo_sources(compiled)
-  per_op = trace_op_times(directory, sources, args.steps)
+  per_op = trace_op_times(directory, sources, steps)
   grouped = collections.Counter()
   for name, ms in per_op.items():
     grouped[sources[name][0]] += ms
   # The costliest instructions that are not dots: where the rest of the step goes.
   others = [(ms, name, *sources[name][1:]) for name, ms in per_op.most_common()
             if not sources[name][0].startswith("dot")]
-  usage = {"others": others[:args.instructions], "wall": wall / args.steps,
-           "system": (after.ru_stime - before.ru_stime) / args.steps,
-           "faults": (after.ru_minflt - before.ru_minflt) / args.steps}
+  usage = {"others": others[:instructions], "wall": wall,
+           "system": (after.ru_stime - before.ru_stime) / steps,
+           "faults": (after.ru_minflt - before.ru_minflt) / steps}
   return grouped, usage
 
 
-def torch_profile(args, inputs):
+def torch_profile(args, model, inputs, steps):
   import torch  # pylint: disable=import-outside-toplevel
   from torch import profiler  # pylint: disable=import-outside-toplevel
-  from vitjax import models  # pylint: disable=import-outside-toplevel
-  vitjax_model = models.create_model(args.model, **benchmark.model_overrides(args, jnp.float32))
-  run_step, _ = benchmark.build_torch("transformers", vitjax_model, args, "float32", inputs,
-                                      "cpu")
-  for _ in range(2):
-    run_step()
-  start = time.perf_counter()
-  for _ in range(args.steps):
-    run_step()
-  wall = (time.perf_counter() - start) / args.steps
+  run_step, _ = benchmark.build_torch("transformers", model, args, "float32", inputs, "cpu")
+  wall, _, _ = warm_and_time(run_step, steps)
   with profiler.profile(activities=[profiler.ProfilerActivity.CPU]) as prof:
-    for _ in range(args.steps):
+    for _ in range(steps):
       run_step()
   grouped = collections.Counter()
   for event in prof.key_averages():
-    grouped[event.key] += event.self_cpu_time_total / 1e3 / args.steps
+    grouped[event.key] += event.self_cpu_time_total / 1e3 / steps
   return grouped, {"wall": wall, "threads": torch.get_num_threads()}
 
 
@@ -138,23 +138,23 @@ def main(argv=None):
   parser.add_argument("--instructions", type=int, default=30,
                       help="vitjax's costliest instructions other than dots to list")
   options = parser.parse_args(argv)
+  if min(options.batch, options.steps) < 1:
+    parser.error("--batch and --steps must be at least 1")
   args = benchmark.parse_args(["--model", options.model, "--batch", str(options.batch),
                                "--mode", "train"])
-  args.steps, args.instructions = options.steps, options.instructions
   from vitjax import models, xla_options  # pylint: disable=import-outside-toplevel
-  inputs = benchmark.step_inputs(
-      models.create_model(options.model, **benchmark.model_overrides(args, jnp.float32)),
-      options.batch, False)
+  model = models.create_model(options.model, **benchmark.model_overrides(args, jnp.float32))
+  inputs = benchmark.step_inputs(model, options.batch, False)
   print(f"{xla_options.cpu_model_name()}, {benchmark.cpu_threads()} core(s); train step of "
         f"{options.model}, batch {options.batch}, float32")
-  grouped, usage = vitjax_profile(args, inputs)
+  grouped, usage = vitjax_profile(args, model, inputs, options.steps, options.instructions)
   print(f"vitjax: {usage['wall'] * 1e3:,.0f} ms per step unprofiled; system time "
         f"{usage['system'] * 1e3:,.0f} ms and {usage['faults']:,.0f} minor page faults per step")
   print_table("vitjax, by HLO opcode and JAX operation", grouped, options.top)
   print("\nvitjax, the costliest instructions other than dots (ms per step, output, op_name):")
   for ms, name, shape, path in usage["others"]:
     print(f"  {ms:7.1f} ms  {name[:30]:30s} {shape[:34]:34s} {path[-100:]}")
-  grouped, usage = torch_profile(args, inputs)
+  grouped, usage = torch_profile(args, model, inputs, options.steps)
   print(f"\nPyTorch (transformers ViT, eager, {usage['threads']} threads): "
         f"{usage['wall'] * 1e3:,.0f} ms per step unprofiled")
   print_table("PyTorch, self CPU time by aten op", grouped, options.top)

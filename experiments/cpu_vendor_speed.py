@@ -82,6 +82,8 @@ def main(argv=None):
   parser.add_argument("--out", help="folder for each run's JSON (default: a new temporary "
                       "folder, printed)")
   args = parser.parse_args(argv)
+  if args.runs < 1:
+    parser.error("--runs must be at least 1")
   out = pathlib.Path(args.out or tempfile.mkdtemp(prefix="cpu_vendor_speed_"))
   out.mkdir(parents=True, exist_ok=True)
   print(f"each run's JSON goes to {out}", flush=True)

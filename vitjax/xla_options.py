@@ -27,15 +27,21 @@ import jax.numpy as jnp
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-@functools.lru_cache(maxsize=None)
-def _accepted(backend, options):
+def rejection(backend, options):
+  """Why this XLA rejects the compile `options` (a dict) on `backend`: the first line of its
+  error, or None where a small program compiles with them."""
   try:
     # An input committed to a device of `backend` compiles for that backend.
     probe = jax.device_put(jnp.zeros(()), jax.devices(backend)[0])
     jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(probe).compile()
-  except Exception:  # pylint: disable=broad-except
-    return False
-  return True
+  except Exception as error:  # pylint: disable=broad-except
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return None
+
+
+@functools.lru_cache(maxsize=None)
+def _accepted(backend, options):
+  return rejection(backend, dict(options)) is None
 
 
 def xla_flag_names(xla_flags=None):

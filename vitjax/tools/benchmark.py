@@ -418,17 +418,13 @@ def parse_xla_options(text):
 
 def check_xla_options(options, platform):
   """Exits with status 2 and one line if this XLA rejects `options` on `platform`."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  try:
-    probe = jax.device_put(jnp.zeros(()), jax.devices(platform)[0])
-    jax.jit(lambda x: x + 1, compiler_options=options).lower(probe).compile()
-  except Exception as error:  # pylint: disable=broad-except
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  from vitjax import xla_options  # pylint: disable=import-outside-toplevel
+  reason = xla_options.rejection(platform, options)
+  if reason:
     print(f"error: --xla_options: this XLA (jaxlib {_versions('none').get('jaxlib', '?')}) "
           f"rejects {_options_text(options).replace('`', '')} on {platform}: {reason}",
           file=sys.stderr)
-    raise SystemExit(2) from None
+    raise SystemExit(2)
 
 
 def check_model(args):
